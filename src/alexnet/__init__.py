@@ -1,0 +1,16 @@
+"""AlexNet (Krizhevsky, Sutskever & Hinton, NeurIPS 2012): the paper's network, data
+pipeline, training recipe and evaluation, and torchvision's variant."""
+
+from .errors import AlexNetError
+from .model import LocalResponseNorm, ModelConfig, PaperAlexNet, TorchvisionAlexNet, count_parameters, create_model
+
+__all__ = [
+    "AlexNetError",
+    "LocalResponseNorm",
+    "ModelConfig",
+    "PaperAlexNet",
+    "TorchvisionAlexNet",
+    "count_parameters",
+    "create_model",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,182 @@
+"""Configuration: four dataclasses with the paper's defaults, presets, files and overrides.
+
+A run is described by one :class:`Config`, resolved from (in order) the defaults below,
+a preset or YAML file, then ``section.key=value`` overrides from the command line. The
+resolved config is saved as ``config.yaml`` in every run directory and inside every
+checkpoint, so a run can always be reproduced and resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import AlexNetError
+from .model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # ImageFolder root with train/<class>/ and val/<class>/; None: built-in shapes
+    image_size: int = 256  # shorter side rescaled to this, then the central square (section 2)
+    crop_size: int = 224  # random training patches and the test patches (section 4.1)
+    normalize: str = "mean-image"  # "mean-image" (paper) | "mean-image-std" | "imagenet" (torchvision's)
+    lighting_std: float = 0.1  # std of the PCA colour alphas (section 4.1); 0 turns it off
+    flip: bool = True  # random horizontal reflections
+    workers: int = -1  # decoding processes; -1: one per core
+    stats_max_images: int = 0  # images used for the mean image and PCA; 0: the whole training set
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 128
+    epochs: int = 90  # "roughly 90 cycles through the training set" (section 5)
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    decay_biases: bool = True  # the paper's rule decays every weight; Caffe exempts biases
+    lr_drops: int = 3  # lr divided by 10 on validation plateaus, "three times prior to termination"
+    plateau_patience: int = 3  # epochs without improvement before a drop (the paper does not say)
+    plateau_threshold: float = 0.001  # improvement in val top-1 error (fraction) that counts
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/alexnet"  # run directory: config, metrics, checkpoints, TensorBoard events
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    tensorboard: bool = True
+    progress: bool = True  # a progress bar per epoch (stderr)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("alexnet").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(section: str, key: str, value: Any, current: Any, annotation: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, with a clear error."""
+    if isinstance(value, str) and not isinstance(current, str):
+        value = yaml.safe_load(value)  # "0.02" -> 0.02, "true" -> True, "null" -> None
+    if value is None and "None" in annotation:
+        return None
+    if isinstance(current, bool) or annotation == "bool":
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, int) and annotation == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(current, float) or annotation == "float":
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif "str" in annotation:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise AlexNetError(f"config {section}.{key} expects {annotation}; got {value!r}")
+
+
+def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
+    """Apply ``{"section": {"key": value}}`` or ``{"section.key": value}`` onto cfg."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[key] = value
+    sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+    for dotted, value in flat.items():
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS or not key:
+            all_keys = [f"{s}.{k}" for s, d in sections.items() for k in d]
+            raise AlexNetError(f"unknown config key '{dotted}' in {origin}{_suggest(dotted, all_keys)}")
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+        if key not in fields:
+            raise AlexNetError(
+                f"unknown config key '{section}.{key}' in {origin}{_suggest(key, list(fields))}"
+            )
+        annotation = str(fields[key].type)
+        sections[section][key] = _coerce(section, key, value, sections[section][key], annotation)
+    return Config(**{name: SECTIONS[name](**d) for name, d in sections.items()})
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise AlexNetError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise AlexNetError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise AlexNetError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    return values
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """A packaged preset by name (``paper``, ``shapes``, ...) or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        return load_yaml(path)
+    names = preset_names()
+    if name_or_path not in names:
+        raise AlexNetError(
+            f"unknown preset '{name_or_path}'{_suggest(name_or_path, names)}; presets: {', '.join(names)}"
+        )
+    text = resources.files("alexnet").joinpath("configs", f"{name_or_path}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AlexNetError(f"override '{pair}' must look like section.key=value, e.g. optim.lr=0.02")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def resolve(preset: str | None, overrides: dict[str, Any], origin: str = "command line") -> Config:
+    cfg = Config()
+    if preset:
+        cfg = apply_overrides(cfg, load_preset(preset), f"preset {preset}")
+    return apply_overrides(cfg, overrides, origin)
+
+
+def from_dict(values: dict[str, Any], origin: str) -> Config:
+    return apply_overrides(Config(), values, origin)
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

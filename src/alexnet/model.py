@@ -1,0 +1,284 @@
+"""AlexNet: the network of Krizhevsky, Sutskever & Hinton (NeurIPS 2012), and torchvision's.
+
+Two networks live here, each written out layer by layer:
+
+* ``"paper"`` -- the network of the paper's Figure 2. The two GPU "towers" are expressed
+  as grouped convolutions (conv2, conv4 and conv5 have ``groups=2``; conv3 and the fully
+  connected layers see both towers), so one device computes exactly what the two GPUs
+  computed. 60,965,224 parameters for 1000 classes. Local response normalisation uses
+  the paper's formula (section 3.3), which differs from Caffe's and from
+  ``torch.nn.LocalResponseNorm``; see :class:`LocalResponseNorm`.
+* ``"torchvision"`` -- the single-tower "one weird trick" network (Krizhevsky 2014) that
+  ``torchvision.models.alexnet`` implements, with torchvision's module names so that its
+  state_dicts load unchanged and give the same logits. 61,100,840 parameters.
+
+Where the paper variant departs from the paper, it is on purpose and switchable:
+``init="kaiming"`` (the paper's N(0, 0.01) with biases of 1 is known to stall -- Caffe
+reported a flat loss -- and needs the full 90-epoch recipe), and the size options
+(``width``, ``fc_width``, ``conv1_*``) that shrink the same layer pattern for small
+images and CPU runs. Defaults are the paper's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import AlexNetError
+
+MODEL_NAMES = ("paper", "torchvision")
+
+# LRN constants per convention: (k, alpha, beta, n, alpha divided by n?, per tower?).
+# Paper, section 3.3: k=2, n=5, alpha=1e-4, beta=0.75 and the sum is multiplied by
+# alpha itself. cuda-convnet (Krizhevsky's code) divides alpha by n; Caffe's
+# bvlc_alexnet divides by n, uses k=1 and normalises across the tower boundary.
+LRN_CONVENTIONS: dict[str, tuple[float, float, float, int, bool, bool]] = {
+    "paper": (2.0, 1e-4, 0.75, 5, False, True),
+    "cuda-convnet": (2.0, 1e-4, 0.75, 5, True, True),
+    "caffe": (1.0, 1e-4, 0.75, 5, True, False),
+}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "paper"  # "paper" | "torchvision"
+    num_classes: int = 1000
+    activation: str = "relu"  # "relu" (section 3.1) | "tanh" (the Figure 1 comparison)
+    lrn: str = "paper"  # "paper" | "cuda-convnet" | "caffe" | "none"
+    pooling: str = "overlap"  # "overlap": 3x3 stride 2 (section 3.4) | "non-overlap": 2x2 stride 2
+    towers: int = 2  # 2: conv2/4/5 see one tower's maps, as on two GPUs | 1: a single tower
+    dropout: float = 0.5  # in fc6 and fc7 (section 4.2)
+    init: str = "paper"  # "paper": N(0, 0.01), bias 1 in conv2/4/5, fc6, fc7 | "kaiming"
+    remove_conv: int = 0  # 3, 4 or 5 drops that middle layer (section 1's ablation); 0 keeps all
+    width: float = 1.0  # scales the conv widths 96-256-384-384-256; 1.0 is the paper
+    fc_width: int = 4096  # fc6 and fc7 units
+    conv1_kernel: int = 11
+    conv1_stride: int = 4
+    conv1_padding: int = 2  # 224 + 2*2 gives the paper's 55x55 conv1 maps (227 needs none)
+    input_size: int = 224  # side of the square crop the network sees; sets fc6's fan-in
+
+    def __post_init__(self) -> None:
+        choices = {
+            "name": MODEL_NAMES,
+            "activation": ("relu", "tanh"),
+            "lrn": (*LRN_CONVENTIONS, "none"),
+            "pooling": ("overlap", "non-overlap"),
+            "init": ("paper", "kaiming"),
+            "towers": (1, 2),
+            "remove_conv": (0, 3, 4, 5),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise AlexNetError(
+                    f"model.{key} must be one of {', '.join(map(str, allowed))}; got {getattr(self, key)!r}"
+                )
+        if self.num_classes < 1:
+            raise AlexNetError(f"model.num_classes must be at least 1; got {self.num_classes}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AlexNetError(f"model.dropout must be in [0, 1); got {self.dropout}")
+        if self.name == "torchvision":
+            # torchvision's network has fixed sizes: refuse paper-only options rather than
+            # silently ignoring them.
+            defaults = ModelConfig()
+            changed = [
+                f.name
+                for f in dataclasses.fields(self)
+                if f.name not in ("name", "num_classes", "dropout", "input_size")
+                and getattr(self, f.name) != getattr(defaults, f.name)
+            ]
+            if changed:
+                raise AlexNetError(
+                    f"option(s) {', '.join(changed)} apply only to the paper variant, not 'torchvision'"
+                )
+
+
+def model_config(name: str = "paper", num_classes: int = 1000, **options: Any) -> ModelConfig:
+    """Build a ModelConfig, naming the closest valid option when one is misspelt."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise AlexNetError(f"unknown model option '{key}'{hint}")
+    return ModelConfig(name=name, num_classes=num_classes, **options)
+
+
+class LocalResponseNorm(nn.Module):
+    """b_c = a_c / (k + alpha' * sum_{j=c-n/2}^{c+n/2} a_j^2)^beta, the window clipped at the ends.
+
+    ``alpha' = alpha`` in the paper and ``alpha / n`` in cuda-convnet and Caffe. With
+    ``groups=2`` the window stays inside each tower's channels, as it did on each GPU.
+    Built on ``F.local_response_norm``, which always divides by n; we undo that.
+    """
+
+    def __init__(self, convention: str = "paper", groups: int = 1) -> None:
+        super().__init__()
+        k, alpha, beta, n, divide_by_n, per_tower = LRN_CONVENTIONS[convention]
+        self.size, self.beta, self.k = n, beta, k
+        self.alpha = alpha if divide_by_n else alpha * n  # F.local_response_norm divides by n
+        self.groups = groups if per_tower else 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        x = x.reshape(b * self.groups, c // self.groups, h, w)
+        x = F.local_response_norm(x, self.size, alpha=self.alpha, beta=self.beta, k=self.k)
+        return x.reshape(b, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha} (per n), beta={self.beta}, k={self.k}, groups={self.groups}"
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _even(channels: float) -> int:
+    # Two towers split every grouped layer's channels in half.
+    return max(2, 2 * round(channels / 2))
+
+
+class PaperAlexNet(nn.Module):
+    """The paper's network (Figure 2). Shapes in comments are for the defaults at 224x224."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        c1, c2, c3, c4, c5 = (_even(c * cfg.width) for c in (96, 256, 384, 384, 256))
+        g = cfg.towers
+        pool_k = 3 if cfg.pooling == "overlap" else 2
+        self.act = nn.ReLU(inplace=True) if cfg.activation == "relu" else nn.Tanh()
+        self.pool = nn.MaxPool2d(pool_k, stride=2)
+        self.lrn1 = LocalResponseNorm(cfg.lrn, g) if cfg.lrn != "none" else nn.Identity()
+        self.lrn2 = LocalResponseNorm(cfg.lrn, g) if cfg.lrn != "none" else nn.Identity()
+
+        self.conv1 = nn.Conv2d(3, c1, cfg.conv1_kernel, cfg.conv1_stride, cfg.conv1_padding)
+        self.conv2 = nn.Conv2d(c1, c2, 5, padding=2, groups=g)
+        # A removed middle layer passes its input channels on to the next layer.
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1) if cfg.remove_conv != 3 else None
+        c3_out = c3 if self.conv3 is not None else c2
+        self.conv4 = nn.Conv2d(c3_out, c4, 3, padding=1, groups=g) if cfg.remove_conv != 4 else None
+        c4_out = c4 if self.conv4 is not None else c3_out
+        self.conv5 = nn.Conv2d(c4_out, c5, 3, padding=1, groups=g) if cfg.remove_conv != 5 else None
+        c5_out = c5 if self.conv5 is not None else c4_out
+
+        side = _conv_out(cfg.input_size, cfg.conv1_kernel, cfg.conv1_stride, cfg.conv1_padding)
+        for _ in range(3):  # pool1, pool2, pool5; conv2-5 keep the size
+            side = _conv_out(side, pool_k, 2)
+        if side < 1:
+            raise AlexNetError(
+                f"input_size {cfg.input_size} is too small for conv1 {cfg.conv1_kernel}/{cfg.conv1_stride} "
+                "and three poolings; use a larger crop or a smaller conv1 stride"
+            )
+        self.feature_shape = (c5_out, side, side)  # (256, 6, 6) for the paper
+
+        self.fc6 = nn.Linear(c5_out * side * side, cfg.fc_width)
+        self.fc7 = nn.Linear(cfg.fc_width, cfg.fc_width)
+        self.fc8 = nn.Linear(cfg.fc_width, cfg.num_classes)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        layers = [self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.fc6, self.fc7, self.fc8]
+        for layer in layers:
+            if layer is None:
+                continue
+            if self.config.init == "paper":
+                # Section 5: weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the
+                # hidden fully connected layers "to accelerate the early stages of learning
+                # by providing the ReLUs with positive inputs"; 0 elsewhere.
+                nn.init.normal_(layer.weight, 0.0, 0.01)
+                one = layer in (self.conv2, self.conv4, self.conv5, self.fc6, self.fc7)
+                nn.init.constant_(layer.bias, 1.0 if one else 0.0)
+            else:
+                nn.init.kaiming_normal_(layer.weight, nonlinearity=self.config.activation)
+                nn.init.zeros_(layer.bias)
+
+    def forward_conv(self, x: Tensor) -> Tensor:
+        """The five convolutional layers: (B, 3, 224, 224) -> pool5 (B, 256, 6, 6)."""
+        x = self.pool(self.lrn1(self.act(self.conv1(x))))  # conv1 (B, 96, 55, 55) -> (B, 96, 27, 27)
+        x = self.pool(self.lrn2(self.act(self.conv2(x))))  # conv2 (B, 256, 27, 27) -> (B, 256, 13, 13)
+        if self.conv3 is not None:
+            x = self.act(self.conv3(x))  # (B, 384, 13, 13), sees both towers
+        if self.conv4 is not None:
+            x = self.act(self.conv4(x))  # (B, 384, 13, 13)
+        if self.conv5 is not None:
+            x = self.act(self.conv5(x))  # (B, 256, 13, 13)
+        return self.pool(x)  # pool5 (B, 256, 6, 6)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """fc7 activations (B, 4096): the feature space of the paper's Figure 4 retrievals."""
+        x = torch.flatten(self.forward_conv(x), 1)  # (B, 9216)
+        x = self.dropout(self.act(self.fc6(x)))  # (B, 4096)
+        return self.act(self.fc7(x))  # (B, 4096)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc8(self.dropout(self.forward_features(x)))  # logits (B, num_classes)
+
+
+class TorchvisionAlexNet(nn.Module):
+    """torchvision's AlexNet: one tower, 64-192-384-256-256 kernels, no LRN, dropout before fc6/fc7.
+
+    Module indices match ``torchvision.models.alexnet`` so its state_dict keys
+    (``features.0.weight`` ... ``classifier.6.bias``) load as they are.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),  # 0: (B, 64, 55, 55)
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),  # (B, 64, 27, 27)
+            nn.Conv2d(64, 192, kernel_size=5, padding=2),  # 3: (B, 192, 27, 27)
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),  # (B, 192, 13, 13)
+            nn.Conv2d(192, 384, kernel_size=3, padding=1),  # 6
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),  # 8
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1),  # 10
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),  # (B, 256, 6, 6)
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))  # lets any input size >= 63 reach fc6
+        self.classifier = nn.Sequential(
+            nn.Dropout(cfg.dropout),
+            nn.Linear(256 * 6 * 6, 4096),  # 1: fc6
+            nn.ReLU(inplace=True),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(4096, 4096),  # 4: fc7
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, cfg.num_classes),  # 6: fc8
+        )
+        self.feature_shape = (256, 6, 6)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """fc7 activations (B, 4096)."""
+        x = torch.flatten(self.avgpool(self.features(x)), 1)
+        return self.classifier[:6](x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier[6](self.forward_features(x))
+
+
+AlexNet = PaperAlexNet | TorchvisionAlexNet
+
+
+def build_model(cfg: ModelConfig) -> AlexNet:
+    return PaperAlexNet(cfg) if cfg.name == "paper" else TorchvisionAlexNet(cfg)
+
+
+def create_model(name: str = "paper", num_classes: int = 1000, **options: Any) -> AlexNet:
+    """``create_model("paper")``, ``create_model("torchvision")``, or with ablation options,
+    e.g. ``create_model("paper", 10, lrn="none", towers=1, pooling="non-overlap")``."""
+    return build_model(model_config(name, num_classes, **options))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
