@@ -67,12 +67,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise AlexNetError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise AlexNetError(f"refusing {path}: it holds objects other than tensors and plain data ({first})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AlexNetError(f"cannot read checkpoint {path}: damaged or not a PyTorch file ({first})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        unsupported = [line for line in lines if "unsupported global" in line.lower()]
+        if unsupported:
+            # weights_only's unpickler met a reference to code: refuse, never import it.
+            raise AlexNetError(f"refusing {path}: it holds objects other than tensors and plain data ({unsupported[0]})") from None
+        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(e).__name__)
+        raise AlexNetError(f"cannot read checkpoint {path}: damaged or not a PyTorch file ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise AlexNetError(
             f"{path} is not an alexnet checkpoint (a bare state_dict or another program's file)"

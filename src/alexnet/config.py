@@ -78,10 +78,19 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+_NULLS = ("", "~", "null", "Null", "NULL", "None", "none")  # e.g. data.root=null: back to None
+
+
 def _coerce(section: str, key: str, value: Any, current: Any, annotation: str) -> Any:
     """Convert a YAML or command-line value to the field's type, with a clear error."""
+    if isinstance(value, str) and "str" in annotation:
+        # Strings (data.root paths) stay verbatim: "0x10", "on" or "@x" are names, not YAML.
+        return None if "None" in annotation and value in _NULLS else value
     if isinstance(value, str) and not isinstance(current, str):
-        value = yaml.safe_load(value)  # "0.02" -> 0.02, "true" -> True, "null" -> None
+        try:
+            value = yaml.safe_load(value)  # "0.02" -> 0.02, "true" -> True, "null" -> None
+        except yaml.YAMLError:
+            pass  # not YAML ("[0.1"): the type error below says what was expected
     if value is None and "None" in annotation:
         return None
     if isinstance(current, bool) or annotation == "bool":
@@ -108,6 +117,8 @@ def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
     """Apply ``{"section": {"key": value}}`` or ``{"section.key": value}`` onto cfg."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
+        if value is None and key in SECTIONS:
+            continue  # an empty section in a YAML file ("data:" with every key commented out)
         if isinstance(value, dict):
             for sub, v in value.items():
                 flat[f"{key}.{sub}"] = v

@@ -22,7 +22,9 @@ def topk_errors(scores: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> 
     Counts (not fractions) so that batches can be summed; k larger than the number of
     classes is clipped (top-5 of a 3-class problem is top-3). Ties go to the lower index.
     """
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (B, kmax)
+    # A stable sort, not topk: topk's order among equal scores is unspecified (all-zero
+    # scores of 10 classes came back as 8, 6, 7, 5, 9 on CPU).
+    top = scores.sort(dim=1, descending=True, stable=True).indices[:, : max(ks)]  # (B, kmax)
     hit = top == targets[:, None]
     return {k: (~hit[:, :k].any(1)).sum() for k in ks}
 

@@ -107,9 +107,9 @@ def plateau_schedule(optimizer: torch.optim.Optimizer, cfg: config_lib.OptimConf
         patience=cfg.plateau_patience,
         threshold=cfg.plateau_threshold,
         threshold_mode="abs",
-        # The floor stops the schedule after lr_drops divisions; the margin absorbs rounding.
+        # The floor stops the schedule after lr_drops divisions; the margins absorb rounding.
         min_lr=cfg.lr * 0.1**cfg.lr_drops * (1 - 1e-6),
-        eps=0.0,
+        eps=cfg.lr * 0.1**cfg.lr_drops * 1e-3,
     )
 
 
