@@ -18,7 +18,12 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     return cache
 
 
-def write_jpeg(path: Path, pixels: np.ndarray | tuple[int, int, int] = (128, 128, 128), size: tuple[int, int] = (24, 16), quality: int = 95) -> Path:
+def write_jpeg(
+    path: Path,
+    pixels: np.ndarray | tuple[int, int, int] = (128, 128, 128),
+    size: tuple[int, int] = (24, 16),
+    quality: int = 95,
+) -> Path:
     """Write ``pixels`` ((H, W, 3) or (H, W) uint8 array, or an RGB colour filling ``size`` = (w, h)) as a JPEG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(pixels, tuple):

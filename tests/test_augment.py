@@ -217,7 +217,8 @@ def test_eval_centre_only() -> None:
 
 def _stats(size: int = 16):
     g = torch.Generator().manual_seed(14)
-    return torch.rand(3, size, size, generator=g) * 255, torch.tensor([60.0, 61.0, 62.0]), torch.tensor([0.3, 0.2, 0.1]), torch.eye(3)
+    mean_image = torch.rand(3, size, size, generator=g) * 255
+    return mean_image, torch.tensor([60.0, 61.0, 62.0]), torch.tensor([0.3, 0.2, 0.1]), torch.eye(3)
 
 
 def test_make_preprocess_mean_image() -> None:

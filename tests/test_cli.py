@@ -219,3 +219,21 @@ def test_resume_without_checkpoint(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert run("train", "--resume", tmp_path / "run") == 2
     assert "does not exist" in _one_line_error(capsys)
+
+
+def test_resume_refuses_recipe_changes(trained, capsys):
+    assert run("train", "--resume", trained, "--model", "torchvision") == 2
+    assert "is a 'paper' model with 10 classes" in _one_line_error(capsys)
+    assert run("train", "--resume", trained, "--lr", "0.5") == 2
+    assert "--lr cannot change it" in _one_line_error(capsys)
+
+
+def test_load_model_checks_variant_and_classes(trained):
+    from alexnet import AlexNetError, load_model
+
+    model = load_model(trained / "last.pt", "paper", 10)
+    assert model.fc8.out_features == 10 and not model.training
+    with pytest.raises(AlexNetError, match="holds a 'paper' model with 10 classes; expected 'torchvision'"):
+        load_model(trained / "last.pt", "torchvision")
+    with pytest.raises(AlexNetError, match="expected 'paper' with 1000 classes"):
+        load_model(trained / "last.pt", num_classes=1000)

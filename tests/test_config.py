@@ -62,7 +62,8 @@ def test_preset_overrides_layer_on_top() -> None:
 
 def test_unknown_key_in_file_names_it_and_suggests(tmp_path: Path) -> None:
     p = _yaml(tmp_path / "c.yaml", "optim:\n  lr: 0.1\n  momentun: 0.5\n")
-    with pytest.raises(AlexNetError, match=r"unknown config key 'optim.momentun' in preset .*c.yaml.*did you mean 'momentum'"):
+    expected = r"unknown config key 'optim.momentun' in preset .*c.yaml.*did you mean 'momentum'"
+    with pytest.raises(AlexNetError, match=expected):
         resolve(str(p), {})
 
 
@@ -113,7 +114,9 @@ def test_wrong_types_from_the_command_line(key: str, value: str) -> None:
         resolve(None, parse_assignments([f"{key}={value}"]))
 
 
-@pytest.mark.parametrize("text", ["optim:\n  lr: [1, 2]\n", "optim:\n  epochs: 2.5\n", "data:\n  flip: yes please\n", "data:\n  root: [a]\n"])
+@pytest.mark.parametrize(
+    "text", ["optim:\n  lr: [1, 2]\n", "optim:\n  epochs: 2.5\n", "data:\n  flip: yes please\n", "data:\n  root: [a]\n"]
+)
 def test_wrong_types_in_a_file(tmp_path: Path, text: str) -> None:
     with pytest.raises(AlexNetError, match="expects"):
         resolve(str(_yaml(tmp_path / "c.yaml", text)), {})
@@ -212,7 +215,9 @@ def test_empty_yaml_file_gives_defaults(tmp_path: Path) -> None:
 def test_save_then_load_round_trip(tmp_path: Path) -> None:
     cfg = resolve(
         "shapes",
-        parse_assignments(["optim.lr=0.03", "optim.plateau_threshold=1e-12", "data.root=/data/x", "data.flip=false", "run.out=runs/y"]),
+        parse_assignments(
+            ["optim.lr=0.03", "optim.plateau_threshold=1e-12", "data.root=/data/x", "data.flip=false", "run.out=runs/y"]
+        ),
     )
     path = tmp_path / "config.yaml"
     save(cfg, path)

@@ -315,7 +315,9 @@ def test_bad_image_decompression_bomb_own_limit(tmp_path: Path, make_jpeg, monke
 
 
 @pytest.mark.parametrize("pil_limit", [300, 500])  # PIL errors above 2x its limit and warns above 1x
-def test_bad_image_decompression_bomb_pil_limit(tmp_path: Path, make_jpeg, monkeypatch: pytest.MonkeyPatch, pil_limit: int) -> None:
+def test_bad_image_decompression_bomb_pil_limit(
+    tmp_path: Path, make_jpeg, monkeypatch: pytest.MonkeyPatch, pil_limit: int
+) -> None:
     p = make_jpeg(tmp_path / "big.jpg", (1, 2, 3), size=(40, 20))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pil_limit)
     with pytest.raises(BadImage, match="decompression bomb"):
@@ -343,7 +345,8 @@ def test_dataset_items_and_skipped_reasons(tmp_path: Path, make_jpeg) -> None:
     x, y, reason = ds[1]
     assert x is None and y == 0 and reason.startswith(f"{tmp_path / 'ant' / '1.jpg'}: ")
     x, y, reason = ds[3]
-    assert x is None and y == 1 and reason.startswith(f"{tmp_path / 'bee' / '0.jpg'}: ") and len(reason) > len(str(tmp_path)) + 12
+    assert x is None and y == 1 and reason.startswith(f"{tmp_path / 'bee' / '0.jpg'}: ")
+    assert len(reason) > len(f"{tmp_path / 'bee' / '0.jpg'}: ")  # a reason follows the path
 
 
 def test_collate_shrinks_batch_and_reports_skipped(tmp_path: Path, make_jpeg) -> None:

@@ -1,6 +1,7 @@
 """AlexNet (Krizhevsky, Sutskever & Hinton, NeurIPS 2012): the paper's network, data
 pipeline, training recipe and evaluation, and torchvision's variant."""
 
+from .checkpoint import load_model
 from .errors import AlexNetError
 from .model import LocalResponseNorm, ModelConfig, PaperAlexNet, TorchvisionAlexNet, count_parameters, create_model
 
@@ -12,5 +13,6 @@ __all__ = [
     "TorchvisionAlexNet",
     "count_parameters",
     "create_model",
+    "load_model",
 ]
 __version__ = "0.1.0"

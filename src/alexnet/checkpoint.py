@@ -99,3 +99,19 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu") -> 
     state = load_checkpoint(path)
     model = model_from_checkpoint(state, path).to(device).eval()
     return model, Preprocess.from_state_dict(state["preprocess"]).to(device), list(state["classes"])
+
+
+def load_model(
+    path: str | Path, name: str | None = None, num_classes: int | None = None, device: torch.device | str = "cpu"
+) -> AlexNet:
+    """The model of a checkpoint, in eval mode; with ``name`` / ``num_classes``, refuse any other.
+
+    ``load_model("best.pt", "torchvision", 1000)`` fails with a message naming what the
+    file holds instead of a wall of missing and unexpected state_dict keys.
+    """
+    state = load_checkpoint(path)
+    saved = state["config"]["model"]
+    if (name is not None and saved["name"] != name) or (num_classes is not None and saved["num_classes"] != num_classes):
+        want = f"'{name or saved['name']}' with {num_classes or saved['num_classes']} classes"
+        raise AlexNetError(f"{path} holds a '{saved['name']}' model with {saved['num_classes']} classes; expected {want}")
+    return model_from_checkpoint(state, path).to(device).eval()

@@ -99,8 +99,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import resume, train
 
     if args.resume:
+        # A resumed run keeps its saved recipe: refuse flags that would silently not apply.
+        fixed = [f"--{name.replace('_', '-')}" for name in ("data", "preset", "model", "lr", "batch_size", "seed", "out")]
+        given = [flag for flag in fixed if getattr(args, flag[2:].replace("-", "_")) is not None] + (["--set"] if args.set else [])
+        if given:
+            from .checkpoint import load_checkpoint
+
+            saved = load_checkpoint(Path(args.resume) / "last.pt")["config"]["model"]
+            if args.model and args.model != saved["name"]:
+                raise AlexNetError(
+                    f"the checkpoint in {args.resume} is a '{saved['name']}' model with {saved['num_classes']} "
+                    f"classes; --model {args.model} cannot change a run being resumed"
+                )
+            raise AlexNetError(
+                f"--resume continues {args.resume} with its saved config; {', '.join(given)} cannot change it "
+                "(only --epochs, --device, --workers and --no-progress can)"
+            )
         run_dir = resume(
-            args.resume, epochs=args.epochs, device=args.device, progress=False if args.no_progress else None
+            args.resume,
+            epochs=args.epochs,
+            device=args.device,
+            workers=args.workers,
+            progress=False if args.no_progress else None,
         )
     else:
         cfg = _resolve_config(args)

@@ -176,7 +176,14 @@ def train(cfg: Config) -> Path:
     return _run(cfg, None, run_dir)
 
 
-def resume(run_dir: str | Path, *, epochs: int | None = None, device: str | None = None, progress: bool | None = None) -> Path:
+def resume(
+    run_dir: str | Path,
+    *,
+    epochs: int | None = None,
+    device: str | None = None,
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> Path:
     """Continue the run in run_dir from its last checkpoint with its own recipe; ``epochs`` may extend it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -188,6 +195,8 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, device: str | None
         cfg.optim.epochs = epochs
     if device is not None:
         cfg.run.device = device
+    if workers is not None:
+        cfg.data.workers = workers
     if progress is not None:
         cfg.run.progress = progress
     return _run(cfg, state, run_dir)
