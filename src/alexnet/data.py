@@ -14,7 +14,6 @@ the trainer reports each such file once.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -351,6 +350,3 @@ def compute_stats(
     os.replace(tmp, path)
     return stats, skipped
 
-
-def describe(images: ImageList) -> str:
-    return json.dumps({"root": str(images.root), "images": len(images), "classes": len(images.classes)})
