@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +227,17 @@ def resolve_workers(workers: int) -> int:
     return (os.cpu_count() or 1) if workers < 0 else workers
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Decoding workers leave SIGINT and SIGTERM to the main process.
+
+    Ctrl-C reaches the whole process group and ``scancel`` every process of a job step; a
+    worker that died of it would make the main process fail on its next batch instead of
+    finishing the step and saving a checkpoint. Workers still exit with their parent.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int) -> DataLoader:
     workers = resolve_workers(workers)
     return DataLoader(
@@ -236,6 +248,11 @@ def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int) -> D
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        # Without its own generator, every iter() of a DataLoader draws a worker seed from
+        # the global RNG, which also drives dropout: a resumed epoch would then see other
+        # dropout masks than the uninterrupted one.
+        generator=torch.Generator().manual_seed(0),
     )
 
 
