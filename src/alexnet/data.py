@@ -130,6 +130,10 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Damaged metadata in an image that still decodes ("Corrupt EXIF data", "Tag
+            # data larger than file"): one line per file on stderr, from every worker,
+            # would bury the log of a run over millions of files.
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
             with Image.open(path) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise BadImage(f"{img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
