@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -198,7 +199,10 @@ def load_checkpoint(path: str | Path, *, for_training: bool = False) -> dict[str
     if not path.exists():
         raise AlexNetError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A raw pickle of another protocol draws a warning before being refused anyway.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         unsupported = [line for line in lines if "unsupported global" in line.lower()]
@@ -273,7 +277,7 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint") -> AlexNet:
+def model_from_checkpoint(state: dict[str, Any], path: str | Path = "(in memory)") -> AlexNet:
     """The network the checkpoint's config describes, with its weights.
 
     The network is first built on the meta device (no memory) and its parameter shapes
@@ -289,7 +293,7 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint"
     found = {k: tuple(v.shape) for k, v in weights.items()}
     missing, unexpected = sorted(wanted.keys() - found.keys()), sorted(found.keys() - wanted.keys())
     if missing or unexpected:
-        what = f"lacks {', '.join(missing[:3])}" if missing else f"has unknown {', '.join(unexpected[:3])}"
+        what = f"lack {', '.join(missing[:3])}" if missing else f"have unknown {', '.join(unexpected[:3])}"
         raise AlexNetError(f"checkpoint {path} does not match its own config: its weights {what}")
     for key, shape in wanted.items():
         if found[key] != shape:
