@@ -156,6 +156,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise AlexNetError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise AlexNetError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x})") from None
     try:
         values = yaml.safe_load(text) or {}
     except yaml.constructor.ConstructorError as e:

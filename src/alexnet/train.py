@@ -24,6 +24,7 @@ cannot be written (full disk) stops the run with the previous one intact.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,6 +33,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,13 +150,10 @@ SYNC_EVERY = 50
 
 
 class RunLog:
-    """metrics.jsonl, TensorBoard events and log.txt of a run directory."""
+    """metrics.jsonl and TensorBoard events of a run directory."""
 
     def __init__(self, run_dir: Path, tensorboard: bool) -> None:
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.handler = logging.FileHandler(run_dir / "log.txt")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(self.handler)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -174,10 +173,28 @@ class RunLog:
             self.writer.flush()
 
     def close(self) -> None:
-        log.removeHandler(self.handler)
-        self.handler.close()
         if self.writer is not None:
             self.writer.close()
+
+
+@contextlib.contextmanager
+def _log_file(run_dir: Path) -> Iterator[None]:
+    """Copy the run's log to run_dir/log.txt, including the error that ends it.
+
+    The error goes to the file only: the command line prints it on the console itself.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    except AlexNetError as e:
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (e,), None))
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
@@ -277,7 +294,8 @@ def train(cfg: Config) -> Path:
     run_dir = Path(cfg.run.out)
     if (run_dir / "last.pt").exists():
         raise AlexNetError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
-    return _run(cfg, None, run_dir)
+    with _log_file(run_dir):
+        return _run(cfg, None, run_dir)
 
 
 def resume(run_dir: str | Path, *, epochs: int | None = None, device: str | None = None, progress: bool | None = None) -> Path:
@@ -289,16 +307,17 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, device: str | None
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AlexNetError(f"run directory {run_dir} does not exist")
-    state, path = load_for_resume(run_dir)
-    cfg = config_lib.from_dict(state["config"], f"checkpoint {path}")
-    cfg.run.out = str(run_dir)
-    if epochs is not None:
-        cfg.optim.epochs = epochs
-    if device is not None:
-        cfg.run.device = device
-    if progress is not None:
-        cfg.run.progress = progress
-    return _run(cfg, state, run_dir, path)
+    with _log_file(run_dir):
+        state, path = load_for_resume(run_dir)
+        cfg = config_lib.from_dict(state["config"], f"checkpoint {path}")
+        cfg.run.out = str(run_dir)
+        if epochs is not None:
+            cfg.optim.epochs = epochs
+        if device is not None:
+            cfg.run.device = device
+        if progress is not None:
+            cfg.run.progress = progress
+        return _run(cfg, state, run_dir, path)
 
 
 def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, state_path: Path | None = None) -> Path:
@@ -358,19 +377,21 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, state_path: P
     train_loader = make_loader(ImageFolderDataset(train_images, cfg.data.image_size), train_sampler, cfg.data.workers)
     val_loader = make_loader(ImageFolderDataset(val_images, cfg.data.image_size), val_sampler, cfg.data.workers)
     run_log = RunLog(run_dir, cfg.run.tensorboard)
-    log.info(
-        "training %s (%s parameters) on %d images of %d classes, %s, for epochs %d-%d",
-        cfg.model.name,
-        f"{sum(p.numel() for p in model.parameters()):,}",
-        len(train_images),
-        len(classes),
-        device,
-        start_epoch + 1,
-        cfg.optim.epochs,
-    )
     try:
+        # From here on SIGTERM/SIGINT stop with a checkpoint; before, there is nothing to
+        # save and they end the process at once. The "training" line marks the switch.
         with StopSignals() as stop:
             loop.stop = stop
+            log.info(
+                "training %s (%s parameters) on %d images of %d classes, %s, for epochs %d-%d",
+                cfg.model.name,
+                f"{sum(p.numel() for p in model.parameters()):,}",
+                len(train_images),
+                len(classes),
+                device,
+                start_epoch + 1,
+                cfg.optim.epochs,
+            )
             for epoch in range(start_epoch, cfg.optim.epochs):
                 if totals is None:
                     seed = _seed_for(cfg.run.seed, epoch)
