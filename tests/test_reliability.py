@@ -9,6 +9,7 @@ table points at these tests.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -507,3 +508,45 @@ def test_config_file_with_code_tag_is_refused_by_the_cli(tmp_path: Path, monkeyp
     assert main(["config", "--preset", str(evil)]) == 2
     assert "evil.yaml is refused at line 2" in _error_line(capsys)
     assert not (tmp_path / "EXPLOITED").exists()
+
+
+@pytest.fixture(scope="module")
+def mid_epoch_checkpoint(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A real checkpoint from the middle of epoch 1 (after batch 12)."""
+    out = tmp_path_factory.mktemp("mid") / "run"
+    extra = ["--set", "run.checkpoint_every=4", "--set", "run.keep_checkpoints=4", "--epochs", "1"]
+    assert main(["train", "--data", str(dataset), "--out", str(out), *RECIPE, *extra]) == 0
+    return torch.load(out / "checkpoints" / "step-000000012.pt", weights_only=True)
+
+
+def _first_velocity(state: dict[str, Any]) -> dict[str, Any]:
+    return next(iter(state["optimizer"]["state"].values()))
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda s: _first_velocity(s).update(velocity=torch.zeros(2, 2)), "its optimizer state does not fit the network"),
+        (lambda s: s["schedule"].update(optimizer={"x": 1}), r"unknown schedule state \['optimizer'\]"),
+        (lambda s: s["partial"].update(loss_sum=torch.zeros(3)), "its partial epoch sums are not what alexnet writes"),
+        (lambda s: s["partial"].update(rogue=1), "its partial epoch sums are not what alexnet writes"),
+        (lambda s: s.pop("partial"), "its partial epoch sums are not what alexnet writes"),
+        (lambda s: s.pop("rng"), "a mid-epoch checkpoint without random states"),
+        (lambda s: s["rng"].update(torch=torch.zeros(7, dtype=torch.uint8)), "bad random state"),
+        (lambda s: s.update(batch=-3), "negative or non-integer epoch, batch or step"),
+        (lambda s: s.update(batch=5), "its batch count disagrees with its partial sums"),
+    ],
+    ids=["velocity-shape", "schedule-key", "partial-shape", "partial-key", "no-partial", "no-rng", "bad-rng", "negative-batch", "batch-mismatch"],
+)
+def test_malformed_training_state_is_refused_on_resume(
+    corrupt: Callable[[dict[str, Any]], Any], message: str, mid_epoch_checkpoint: dict[str, Any], tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    state = copy.deepcopy(mid_epoch_checkpoint)
+    corrupt(state)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(state, run_dir / "last.pt")
+    assert resume(run_dir) == 2
+    line = _error_line(capsys)
+    assert re.search(rf"checkpoint {re.escape(str(run_dir / 'last.pt'))} is malformed: {message}", line), line

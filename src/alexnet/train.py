@@ -277,6 +277,7 @@ class EpochTotals:
                 and totals.wrong.shape == () and totals.wrong.dtype == torch.long
                 and all(isinstance(getattr(totals, k), int) and getattr(totals, k) >= 0
                         for k in ("seen", "batches", "steps", "skipped_nonfinite"))
+                and isinstance(totals.seconds, (int, float))
             )  # fmt: skip
         except (TypeError, AttributeError):
             ok = False
@@ -434,7 +435,7 @@ class _Loop:
         self.reported = reported
         self.augment_gen = torch.Generator(device=device)
         self.step, self.best = 0, math.inf
-        self.saved = "none yet"  # what the newest checkpoint holds, for messages
+        self.saved = "none (none was written yet)"  # the newest checkpoint, for messages
         self.stop: StopSignals | None = None
         # The first step whose loss was not finite, or -1; kept on the device and read
         # only every SYNC_EVERY steps, at checkpoints and at epoch ends.
@@ -445,6 +446,9 @@ class _Loop:
     def restore(self, state: dict[str, Any], path: Path) -> tuple[int, EpochTotals | None]:
         """Load optimizer, schedule, counters and, for a mid-epoch checkpoint, the partial
         epoch and random states; returns (epochs done, partial totals or None)."""
+        unknown = set(state["schedule"]) - set(self.schedule.state_dict())
+        if unknown:  # ReduceLROnPlateau.load_state_dict sets any key as an attribute
+            raise AlexNetError(f"checkpoint {path} is malformed: unknown schedule state {sorted(unknown)[:3]}")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])
@@ -537,13 +541,15 @@ class _Loop:
         return path
 
     def stopped(self, epoch_done: int, batch: int) -> Stopped:
+        """The exception that ends a run stopped by a signal, once its checkpoint is written."""
+        assert self.stop is not None and self.stop.signum is not None
         where = f"in epoch {epoch_done + 1} after batch {batch}" if batch else f"after epoch {epoch_done}"
         message = (
-            f"stopped by {self.stop.name if self.stop else 'request'} {where} (step {self.step}); checkpoint "
+            f"stopped by {self.stop.name} {where} (step {self.step}); checkpoint "
             f"{self.run_dir / 'last.pt'}; continue with: alexnet train --resume {self.run_dir}"
         )
         log.warning("%s", message)
-        return Stopped(message, self.stop.signum if self.stop and self.stop.signum else signal.SIGTERM)
+        return Stopped(message, self.stop.signum)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -553,7 +559,7 @@ class _Loop:
         from tqdm import tqdm
 
         cfg, every = self.cfg, self.cfg.run.checkpoint_every
-        params = [p for p in self.model.parameters()]
+        params = list(self.model.parameters())
         self.model.train()
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=not cfg.run.progress, leave=False)
