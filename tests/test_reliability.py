@@ -31,13 +31,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import TINY
 
 import alexnet
 from alexnet import train as train_module
 from alexnet.cli import main
 from alexnet.synthetic import make_shapes_dataset
-
-from test_cli import TINY
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals and resource limits")
 

@@ -32,8 +32,8 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +227,7 @@ class StopSignals:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -239,7 +239,7 @@ class StopSignals:
         if self.signum is None:
             self.signum = signum
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
@@ -262,14 +262,14 @@ class EpochTotals:
     seconds: float = 0.0  # training time so far; for images/s only, not part of exact resume
 
     @classmethod
-    def zeros(cls, device: torch.device) -> "EpochTotals":
+    def zeros(cls, device: torch.device) -> EpochTotals:
         return cls(torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
 
     def state_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "loss_sum": self.loss_sum.cpu(), "wrong": self.wrong.cpu()}
 
     @classmethod
-    def from_state_dict(cls, d: Any, device: torch.device, path: Path) -> "EpochTotals":
+    def from_state_dict(cls, d: Any, device: torch.device, path: Path) -> EpochTotals:
         try:
             totals = cls(**d)
             ok = (
