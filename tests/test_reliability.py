@@ -549,3 +549,19 @@ def test_malformed_training_state_is_refused_on_resume(
     assert resume(run_dir) == 2
     line = _error_line(capsys)
     assert re.search(rf"checkpoint {re.escape(str(run_dir / 'last.pt'))} is malformed: {message}", line), line
+
+
+def test_second_process_on_the_same_run_directory_is_refused(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # A requeued job starting while its first incarnation still runs.
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running trainer holds
+        assert train_in_process(dataset, out) == 2
+        assert f"{out} is in use by another alexnet process" in _error_line(capsys)
+        assert not (out / "last.pt").exists()
+    assert train_in_process(dataset, out, "--epochs", "1") == 0  # released: the lock dies with its holder

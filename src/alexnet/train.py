@@ -197,6 +197,28 @@ def _log_file(run_dir: Path) -> Iterator[None]:
         handler.close()
 
 
+@contextlib.contextmanager
+def _exclusive(run_dir: Path) -> Iterator[None]:
+    """Refuse a second process training in the same run directory.
+
+    A requeued job whose first incarnation still runs would otherwise interleave two
+    runs' checkpoints and metrics. The lock (flock on run_dir/.lock) dies with its
+    process, so a killed run never leaves a stale one.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock; the check is skipped there
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise AlexNetError(f"{run_dir} is in use by another alexnet process; wait for it to end or stop it first") from None
+        yield
+
+
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
     """On resume, drop metric rows of epochs after the checkpoint (they will be redone),
     and a last line cut short by a crash while it was being appended."""
@@ -295,7 +317,7 @@ def train(cfg: Config) -> Path:
     run_dir = Path(cfg.run.out)
     if (run_dir / "last.pt").exists():
         raise AlexNetError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
-    with _log_file(run_dir):
+    with _exclusive(run_dir), _log_file(run_dir):
         return _run(cfg, None, run_dir)
 
 
@@ -308,7 +330,7 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, device: str | None
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AlexNetError(f"run directory {run_dir} does not exist")
-    with _log_file(run_dir):
+    with _exclusive(run_dir), _log_file(run_dir):
         state, path = load_for_resume(run_dir)
         cfg = config_lib.from_dict(state["config"], f"checkpoint {path}")
         cfg.run.out = str(run_dir)
