@@ -234,3 +234,62 @@ def test_apply_overrides_does_not_mutate_its_input() -> None:
     base = Config()
     changed = apply_overrides(base, {"optim": {"lr": 0.5}}, "test")
     assert changed.optim.lr == 0.5 and base.optim.lr == 0.01
+
+
+# --------------------------------------------------------------------------------------
+# Config files from strangers: YAML that would build objects is refused, broken YAML is one line
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "!!python/object/apply:os.system ['touch {marker}']",
+        "!!python/object/new:subprocess.Popen [['touch', '{marker}']]",
+        "!!python/name:os.system",
+        "!!python/module:os",
+    ],
+)
+def test_yaml_tags_that_build_objects_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, payload: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "EXPLOITED"
+    p = _yaml(tmp_path / "evil.yaml", "optim:\n  lr: " + payload.format(marker=marker) + "\n")
+    with pytest.raises(AlexNetError, match=r"evil.yaml is refused at line 2: could not determine a constructor .*python") as info:
+        resolve(str(p), {})
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("optim:\n  lr: [0.1\n", "line 3"),  # unclosed flow sequence: reported where YAML gave up
+        ("optim:\n\tlr: 0.1\n", "line 2, column 1"),  # a tab as indentation
+        ("optim: {lr: 0.1\n", "line 2"),
+        ("a: b: c\n", "line 1, column 5"),
+    ],
+)
+def test_broken_yaml_is_one_line_with_position(tmp_path: Path, text: str, where: str) -> None:
+    p = _yaml(tmp_path / "broken.yaml", text)
+    with pytest.raises(AlexNetError, match=rf"broken.yaml is not valid YAML at {where}") as info:
+        resolve(str(p), {})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["- optim\n- run\n", "just a string\n", "42\n"])
+def test_yaml_that_is_not_a_mapping(tmp_path: Path, text: str) -> None:
+    with pytest.raises(AlexNetError, match="must hold a mapping of sections"):
+        resolve(str(_yaml(tmp_path / "c.yaml", text)), {})
+
+
+def test_binary_garbage_as_config(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"\xff\xfe\x00garbage\x00\x81")
+    with pytest.raises(AlexNetError, match="c.yaml") as info:
+        resolve(str(p), {})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["run.checkpoint_every", "run.keep_checkpoints"])
+def test_negative_checkpoint_settings(key: str) -> None:
+    with pytest.raises(AlexNetError, match=rf"{key} must be 0 or more; got -1"):
+        resolve(None, {key: "-1"})

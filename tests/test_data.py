@@ -5,6 +5,7 @@ References are numpy formulas and hand-made images whose surviving region is kno
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, features
 
 from alexnet import data
 from alexnet.data import (
@@ -562,3 +565,109 @@ def test_compute_stats_max_images(tmp_path: Path) -> None:
     # The subset is the first 3 of a fixed shuffle: its mean image is that of 3 of the 6 images.
     subset = torch.randperm(6, generator=torch.Generator().manual_seed(0))[:3].tolist()
     _check_stats(stats, [arrays[images.paths[i]] for i in subset])
+
+
+# --------------------------------------------------------------------------------------
+# Fuzzing the decoder: whatever bytes a file holds, load_image returns an image or raises BadImage
+
+
+def _encoded(img: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def _fuzz_seeds() -> list[bytes]:
+    """Small valid files of every format and mode the decoder has a branch for."""
+    rgb = Image.fromarray(_noise(0, 12, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: exercises the EXIF parser and exif_transpose
+    gray16 = Image.fromarray(np.random.default_rng(1).integers(0, 65536, (8, 8)).astype(np.uint16))
+    seeds = [
+        _encoded(rgb, "JPEG"),
+        _encoded(rgb, "JPEG", progressive=True),
+        _encoded(rgb, "JPEG", exif=exif.tobytes()),
+        _encoded(rgb.convert("CMYK"), "JPEG"),
+        _encoded(rgb, "PNG"),
+        _encoded(rgb.convert("P"), "PNG"),
+        _encoded(rgb.convert("LA"), "PNG"),
+        _encoded(gray16, "PNG"),
+        _encoded(rgb, "GIF"),
+        _encoded(rgb, "BMP"),
+        _encoded(rgb, "TIFF"),
+        _encoded(rgb, "PPM"),
+    ]
+    if features.check("webp"):
+        seeds.append(_encoded(rgb, "WEBP"))
+    return seeds
+
+
+FUZZ_SEEDS = _fuzz_seeds()
+
+# A mutation: xor a byte, truncate, insert bytes, or delete a run. Half of the positions
+# fall in the first 64 bytes, where the headers (sizes, modes, chunk lengths) live.
+_position = st.one_of(st.integers(0, 63), st.integers(0, 1 << 16))
+_mutation = st.one_of(
+    st.tuples(st.just("xor"), _position, st.integers(1, 255)),
+    st.tuples(st.just("cut"), _position, st.just(0)),
+    st.tuples(st.just("insert"), _position, st.binary(min_size=1, max_size=32)),
+    st.tuples(st.just("delete"), _position, st.integers(1, 32)),
+)
+
+
+def _mutate(data: bytes, mutations: list[tuple]) -> bytes:
+    out = bytearray(data)
+    for op, pos, arg in mutations:
+        pos %= max(len(out), 1)
+        if op == "xor" and out:
+            out[pos] ^= arg
+        elif op == "cut":
+            del out[pos:]
+        elif op == "insert":
+            out[pos:pos] = arg
+        elif op == "delete":
+            del out[pos : pos + arg]
+    return bytes(out)
+
+
+def _check_decoder_on(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    try:
+        out = load_image(path, 16)
+    except BadImage as e:
+        assert str(e), "a BadImage must say why"
+        return
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+
+
+@pytest.fixture(scope="module")
+def fuzz_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fuzz") / "input.img"
+
+
+# Bounded for the default run: 1,000 inputs, about 3 s on 2 cores. No example database, so
+# nothing is written into the source tree; a failure prints the input to reproduce it.
+@settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.sampled_from(FUZZ_SEEDS), mutations=st.lists(_mutation, min_size=1, max_size=6))
+def test_fuzz_load_image_raises_only_badimage(fuzz_file: Path, seed: bytes, mutations: list[tuple]) -> None:
+    _check_decoder_on(fuzz_file, _mutate(seed, mutations))
+
+
+@pytest.mark.slow
+@settings(max_examples=20_000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.sampled_from(FUZZ_SEEDS), mutations=st.lists(_mutation, min_size=1, max_size=12))
+def test_fuzz_load_image_long(fuzz_file: Path, seed: bytes, mutations: list[tuple]) -> None:
+    _check_decoder_on(fuzz_file, _mutate(seed, mutations))
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(data=st.binary(max_size=512))
+def test_fuzz_load_image_on_arbitrary_bytes(fuzz_file: Path, data: bytes) -> None:
+    _check_decoder_on(fuzz_file, data)
+
+
+def test_fuzz_seeds_are_valid_images(fuzz_file: Path) -> None:
+    # Mutations of valid files reach deep into each decoder only if the seeds decode.
+    for seed in FUZZ_SEEDS:
+        fuzz_file.write_bytes(seed)
+        assert load_image(fuzz_file, 16).shape == (16, 16, 3)

@@ -1,10 +1,15 @@
-"""The paper's update rule against hand-computed steps, and the plateau schedule."""
+"""The paper's update rule against hand-computed steps, the plateau schedule, and stop signals."""
+
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
 
 from alexnet.config import OptimConfig
-from alexnet.train import PaperSGD, param_groups, plateau_schedule
+from alexnet.train import PaperSGD, StopSignals, param_groups, plateau_schedule
 
 
 def test_paper_update_rule_hand_computed():
@@ -88,3 +93,48 @@ def test_plateau_schedule_waits_while_error_improves():
     for err in [0.9, 0.8, 0.7, 0.6, 0.5]:
         schedule.step(err)
     assert opt.param_groups[0]["lr"] == 0.01
+
+
+# --------------------------------------------------------------------------------------
+# StopSignals: what SIGTERM and SIGINT do during training
+
+
+def _deliver(signum: int) -> None:
+    """Send a signal to this process and let Python run its handler (between bytecodes)."""
+    os.kill(os.getpid(), signum)
+    for _ in range(100):  # the handler runs at the next bytecode boundary; give it a few
+        time.sleep(0.001)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="POSIX signals")
+def test_first_signal_sets_flag_second_sigint_aborts() -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with StopSignals() as stop:
+        assert stop.signum is None
+        _deliver(signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM and stop.name == "SIGTERM"
+        _deliver(signal.SIGTERM)  # a repeated SIGTERM changes nothing
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            _deliver(signal.SIGINT)  # Ctrl-C while stopping: abort at once
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_sigint_first_is_a_request_not_an_interrupt() -> None:
+    with StopSignals() as stop:
+        _deliver(signal.SIGINT)
+        assert stop.signum == signal.SIGINT and stop.name == "SIGINT"
+
+
+def test_outside_the_main_thread_installs_nothing() -> None:
+    result: list[object] = []
+
+    def run() -> None:
+        with StopSignals() as stop:
+            result.append(stop._previous)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert result == [{}]

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import AlexNetError
+from .errors import AlexNetError, Stopped
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except AlexNetError as e:
         print(f"alexnet: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"alexnet: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("alexnet: interrupted", file=sys.stderr)
         return 130

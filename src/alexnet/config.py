@@ -44,6 +44,10 @@ class OptimConfig:
     lr_drops: int = 3  # lr divided by 10 on validation plateaus, "three times prior to termination"
     plateau_patience: int = 3  # epochs without improvement before a drop (the paper does not say)
     plateau_threshold: float = 0.001  # improvement in val top-1 error (fraction) that counts
+    # A non-finite loss or gradient stops the run (naming the step; the last checkpoint is
+    # good); true skips that batch instead (no update) and counts it in metrics.jsonl.
+    # Skipping needs to know before the update, so it costs one host sync per step on a GPU.
+    skip_nonfinite: bool = False
 
 
 @dataclass
@@ -53,6 +57,13 @@ class RunConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
     tensorboard: bool = True
     progress: bool = True  # a progress bar per epoch (stderr)
+    checkpoint_every: int = 0  # also checkpoint every this many steps inside an epoch; 0: at epoch ends only
+    keep_checkpoints: int = 2  # history in checkpoints/step-N.pt besides last.pt and best.pt; 0: none
+
+    def __post_init__(self) -> None:
+        for key in ("checkpoint_every", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise AlexNetError(f"run.{key} must be 0 or more; got {getattr(self, key)}")
 
 
 @dataclass
@@ -145,10 +156,19 @@ def load_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise AlexNetError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise AlexNetError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x})") from None
     try:
         values = yaml.safe_load(text) or {}
+    except yaml.constructor.ConstructorError as e:
+        # safe_load builds no objects: a tag such as !!python/object/apply is refused here.
+        where = f" at line {e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise AlexNetError(f"config file {path} is refused{where}: {e.problem} (only plain YAML values are allowed)") from None
     except yaml.YAMLError as e:
-        raise AlexNetError(f"config file {path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise AlexNetError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(values, dict):
         raise AlexNetError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
     return values

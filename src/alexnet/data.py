@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,10 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Damaged metadata in an image that still decodes ("Corrupt EXIF data", "Tag
+            # data larger than file"): one line per file on stderr, from every worker,
+            # would bury the log of a run over millions of files.
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
             with Image.open(path) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise BadImage(f"{img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
@@ -225,6 +230,17 @@ def resolve_workers(workers: int) -> int:
     return (os.cpu_count() or 1) if workers < 0 else workers
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Decoding workers leave SIGINT and SIGTERM to the main process.
+
+    Ctrl-C reaches the whole process group and ``scancel`` every process of a job step; a
+    worker that died of it would make the main process fail on its next batch instead of
+    finishing the step and saving a checkpoint. Workers still exit with their parent.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int) -> DataLoader:
     workers = resolve_workers(workers)
     return DataLoader(
@@ -235,6 +251,11 @@ def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int) -> D
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        # Without its own generator, every iter() of a DataLoader draws a worker seed from
+        # the global RNG, which also drives dropout: a resumed epoch would then see other
+        # dropout masks than the uninterrupted one.
+        generator=torch.Generator().manual_seed(0),
     )
 
 

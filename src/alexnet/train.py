@@ -9,17 +9,31 @@ and a learning rate of 0.01 divided by 10 whenever the validation error stopped
 improving, three times in all, over about 90 epochs.
 
 Everything that decides what a step computes -- the data order, the augmentation draws,
-dropout -- comes from generators seeded by (seed, epoch) and saved in the checkpoint, so
-``alexnet train --resume RUN_DIR`` continues exactly where the run stopped.
+dropout -- comes from generators seeded by (seed, epoch). A checkpoint, written at every
+epoch end and every ``run.checkpoint_every`` steps, records the position in the epoch,
+the epoch's partial sums and the generators' states at that batch boundary, so
+``alexnet train --resume RUN_DIR`` after a crash at any moment ends with the same
+weights and metrics, bit for bit on the CPU, as a run that was never interrupted.
+
+Faults a days-long run meets, and what happens (tests in tests/test_reliability.py):
+SIGTERM/SIGINT save a checkpoint at the next batch boundary and raise errors.Stopped;
+a NaN or inf loss stops the run naming the step, without overwriting the last good
+checkpoint (or, with ``optim.skip_nonfinite``, skips the batch); a checkpoint that
+cannot be written (full disk) stops the run with the previous one intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +44,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from . import config as config_lib
 from .augment import Preprocess, make_preprocess, train_batch
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import load_for_resume, model_from_checkpoint, save_run_checkpoint
 from .config import Config
 from .data import (
     DataStats,
@@ -41,7 +55,7 @@ from .data import (
     make_loader,
     scan_image_folder,
 )
-from .errors import AlexNetError
+from .errors import AlexNetError, Stopped
 from .evaluate import evaluate, topk_errors
 from .model import build_model
 
@@ -129,14 +143,17 @@ def _seed_for(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
 
 
+# How often (in steps) the loop reads anything back from the device: the progress bar's
+# running loss and the non-finite check. Reading forces the host to wait for the device;
+# once every 50 steps costs nothing measurable, once per step would.
+SYNC_EVERY = 50
+
+
 class RunLog:
-    """metrics.jsonl, TensorBoard events and log.txt of a run directory."""
+    """metrics.jsonl and TensorBoard events of a run directory."""
 
     def __init__(self, run_dir: Path, tensorboard: bool) -> None:
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.handler = logging.FileHandler(run_dir / "log.txt")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(self.handler)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -144,8 +161,11 @@ class RunLog:
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def epoch(self, row: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise AlexNetError(f"cannot append to {self.metrics_path}: {e.strerror or e}; the last checkpoint is intact") from None
         if self.writer is not None:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -153,27 +173,152 @@ class RunLog:
             self.writer.flush()
 
     def close(self) -> None:
-        log.removeHandler(self.handler)
-        self.handler.close()
         if self.writer is not None:
             self.writer.close()
 
 
+@contextlib.contextmanager
+def _log_file(run_dir: Path) -> Iterator[None]:
+    """Copy the run's log to run_dir/log.txt, including the error that ends it.
+
+    The error goes to the file only: the command line prints it on the console itself.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    except AlexNetError as e:
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (e,), None))
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path) -> Iterator[None]:
+    """Refuse a second process training in the same run directory.
+
+    A requeued job whose first incarnation still runs would otherwise interleave two
+    runs' checkpoints and metrics. The lock (flock on run_dir/.lock) dies with its
+    process, so a killed run never leaves a stale one.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock; the check is skipped there
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise AlexNetError(f"{run_dir} is in use by another alexnet process; wait for it to end or stop it first") from None
+        yield
+
+
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """On resume, drop metric rows of epochs after the checkpoint (they will be redone)."""
+    """On resume, drop metric rows of epochs after the checkpoint (they will be redone),
+    and a last line cut short by a crash while it was being appended."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [r for r in rows if json.loads(r).get("epoch", 0) <= epochs_done]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("epoch", 0) <= epochs_done:
+            keep.append(line)
     path.write_text("".join(r + "\n" for r in keep))
 
 
+class StopSignals:
+    """SIGTERM and SIGINT ask the loop to stop at the next batch boundary with a checkpoint.
+
+    The handler only records the signal: logging or printing from a handler can raise
+    "reentrant call" inside an interrupted write. A second SIGINT raises
+    KeyboardInterrupt at once (Ctrl-C twice: abort without waiting for the checkpoint;
+    the previous checkpoint stays intact because every write is atomic). Handlers are
+    installed only in the main thread (Python allows nothing else) and restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+
+@dataclass
+class EpochTotals:
+    """What an epoch has done so far. Saved in mid-epoch checkpoints, so a resumed epoch
+    ends with the same sums, in the same order of additions, as an uninterrupted one."""
+
+    loss_sum: torch.Tensor  # () float32 on the device: sum of per-image cross-entropy
+    wrong: torch.Tensor  # () int64 on the device: top-1 mistakes
+    seen: int = 0  # images trained on
+    batches: int = 0  # batches of the epoch's order consumed, including wholly undecodable ones
+    steps: int = 0  # optimizer updates
+    skipped_nonfinite: int = 0  # batches skipped for a non-finite loss or gradient
+    seconds: float = 0.0  # training time so far; for images/s only, not part of exact resume
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> EpochTotals:
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "loss_sum": self.loss_sum.cpu(), "wrong": self.wrong.cpu()}
+
+    @classmethod
+    def from_state_dict(cls, d: Any, device: torch.device, path: Path) -> EpochTotals:
+        try:
+            totals = cls(**d)
+            ok = (
+                totals.loss_sum.shape == () and totals.loss_sum.dtype == torch.float32
+                and totals.wrong.shape == () and totals.wrong.dtype == torch.long
+                and all(isinstance(getattr(totals, k), int) and getattr(totals, k) >= 0
+                        for k in ("seen", "batches", "steps", "skipped_nonfinite"))
+                and isinstance(totals.seconds, (int, float))
+            )  # fmt: skip
+        except (TypeError, AttributeError):
+            ok = False
+        if not ok:
+            raise AlexNetError(f"checkpoint {path} is malformed: its partial epoch sums are not what alexnet writes")
+        totals.loss_sum, totals.wrong = totals.loss_sum.to(device), totals.wrong.to(device)
+        return totals
+
+
 def train(cfg: Config) -> Path:
-    """Train a new run with cfg in ``cfg.run.out``; returns the run directory."""
+    """Train a new run with cfg in ``cfg.run.out``; returns the run directory.
+
+    Raises errors.Stopped after saving a checkpoint when SIGTERM or SIGINT arrives.
+    """
     run_dir = Path(cfg.run.out)
     if (run_dir / "last.pt").exists():
         raise AlexNetError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
-    return _run(cfg, None, run_dir)
+    with _exclusive(run_dir), _log_file(run_dir):
+        return _run(cfg, None, run_dir)
 
 
 def resume(
@@ -184,25 +329,30 @@ def resume(
     workers: int | None = None,
     progress: bool | None = None,
 ) -> Path:
-    """Continue the run in run_dir from its last checkpoint with its own recipe; ``epochs`` may extend it."""
+    """Continue the run in run_dir from its newest loadable checkpoint with its own recipe.
+
+    The checkpoint may be from the middle of an epoch; the rest of that epoch replays
+    exactly what the uninterrupted run would have done. ``epochs`` may extend the run.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AlexNetError(f"run directory {run_dir} does not exist")
-    state = load_checkpoint(run_dir / "last.pt")
-    cfg = config_lib.from_dict(state["config"], f"checkpoint in {run_dir}")
-    cfg.run.out = str(run_dir)
-    if epochs is not None:
-        cfg.optim.epochs = epochs
-    if device is not None:
-        cfg.run.device = device
-    if workers is not None:
-        cfg.data.workers = workers
-    if progress is not None:
-        cfg.run.progress = progress
-    return _run(cfg, state, run_dir)
+    with _exclusive(run_dir), _log_file(run_dir):
+        state, path = load_for_resume(run_dir)
+        cfg = config_lib.from_dict(state["config"], f"checkpoint {path}")
+        cfg.run.out = str(run_dir)
+        if epochs is not None:
+            cfg.optim.epochs = epochs
+        if device is not None:
+            cfg.run.device = device
+        if workers is not None:
+            cfg.data.workers = workers
+        if progress is not None:
+            cfg.run.progress = progress
+        return _run(cfg, state, run_dir, path)
 
 
-def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path) -> Path:
+def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, state_path: Path | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.run.device)
 
@@ -219,21 +369,24 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path) -> Path:
     if cfg.data.crop_size > cfg.data.image_size:
         raise AlexNetError(f"data.crop_size {cfg.data.crop_size} exceeds data.image_size {cfg.data.image_size}")
 
+    reported: set[str] = set()
     if state is not None:
         if list(state["classes"]) != classes:
             raise AlexNetError(
                 f"the checkpoint in {run_dir} has {len(state['classes'])} classes, "
                 f"but {train_dir} has {len(classes)} (or different names): resume with the same data"
             )
-        model = model_from_checkpoint(state, run_dir)
+        model = model_from_checkpoint(state, state_path or run_dir)
         pre = Preprocess.from_state_dict(state["preprocess"])
+        reported.update(str(s) for s in state.get("skipped_files", []))
     else:
         log.info("computing the mean image and RGB PCA over %d training images", len(train_images))
         stats, skipped = compute_stats(
             train_images, cfg.data.image_size, cfg.data.workers, cfg.data.stats_max_images, cfg.run.progress
         )
         if skipped:
-            log.warning("%d training files cannot be decoded and are skipped, e.g. %s", len(skipped), skipped[0])
+            log.warning("%d training files cannot be decoded and are skipped", len(skipped))
+            _report_skipped(skipped, reported)
         pre = _preprocess(cfg, stats)
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model)
@@ -245,79 +398,295 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path) -> Path:
         param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_biases), lr=cfg.optim.lr, momentum=cfg.optim.momentum
     )
     schedule = plateau_schedule(optimizer, cfg.optim)
-    start_epoch, step, best = 0, 0, math.inf
+    loop = _Loop(cfg, run_dir, device, model, optimizer, schedule, pre, classes, reported)
+    start_epoch, totals = 0, None
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch, step, best = state["epoch"], state["step"], state["best_val_top1_error"]
-        log.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, step)
+        start_epoch, totals = loop.restore(state, state_path or run_dir / "last.pt")
     _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
 
     train_sampler = EpochBatchSampler(len(train_images), cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed)
     val_sampler = EpochBatchSampler(len(val_images), cfg.optim.batch_size, shuffle=False)
     train_loader = make_loader(ImageFolderDataset(train_images, cfg.data.image_size), train_sampler, cfg.data.workers)
     val_loader = make_loader(ImageFolderDataset(val_images, cfg.data.image_size), val_sampler, cfg.data.workers)
-    augment_gen = torch.Generator(device=device)
-    reported: set[str] = set()
     run_log = RunLog(run_dir, cfg.run.tensorboard)
-    log.info(
-        "training %s (%s parameters) on %d images of %d classes, %s, for epochs %d-%d",
-        cfg.model.name,
-        f"{sum(p.numel() for p in model.parameters()):,}",
-        len(train_images),
-        len(classes),
-        device,
-        start_epoch + 1,
-        cfg.optim.epochs,
-    )
     try:
-        for epoch in range(start_epoch, cfg.optim.epochs):
-            seed = _seed_for(cfg.run.seed, epoch)
-            torch.manual_seed(seed)  # dropout
-            augment_gen.manual_seed(seed + 1)
-            train_sampler.set_epoch(epoch)
-            row = _train_epoch(model, optimizer, train_loader, pre, cfg, augment_gen, device, epoch, reported)
-            step += row.pop("steps")
-            results, skipped = evaluate([model], [pre], val_loader, device, ten=False)
-            val = results["centre"]
-            _report_skipped(skipped, reported)
-            lr_before = optimizer.param_groups[0]["lr"]
-            schedule.step(val.top1_error)
-            row = {"epoch": epoch + 1, "step": step, **row, **val.as_dict("val_"), "lr": lr_before}
-            run_log.epoch(row)
-            improved = val.top1_error < best
-            best = min(best, val.top1_error)
-            checkpoint = {
-                "config": cfg.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "best_val_top1_error": best,
-                "preprocess": pre.state_dict(),
-                "classes": classes,
-                "metrics": row,
-            }
-            save_checkpoint(run_dir / "last.pt", checkpoint)
-            if improved:
-                save_checkpoint(run_dir / "best.pt", checkpoint)
+        # From here on SIGTERM/SIGINT stop with a checkpoint; before, there is nothing to
+        # save and they end the process at once. The "training" line marks the switch.
+        with StopSignals() as stop:
+            loop.stop = stop
             log.info(
-                "epoch %d/%d  loss %.4f  train err %.2f%%  val top-1 %.2f%%  top-5 %.2f%%  lr %.2g  %.0f img/s",
-                epoch + 1,
+                "training %s (%s parameters) on %d images of %d classes, %s, for epochs %d-%d",
+                cfg.model.name,
+                f"{sum(p.numel() for p in model.parameters()):,}",
+                len(train_images),
+                len(classes),
+                device,
+                start_epoch + 1,
                 cfg.optim.epochs,
-                row["train_loss"],
-                100 * row["train_error"],
-                100 * val.top1_error,
-                100 * val.top5_error,
-                lr_before,
-                row["images_per_s"],
             )
-            if optimizer.param_groups[0]["lr"] < lr_before:
-                log.info("validation error stopped improving: lr %.2g -> %.2g", lr_before, optimizer.param_groups[0]["lr"])
+            for epoch in range(start_epoch, cfg.optim.epochs):
+                if totals is None:
+                    seed = _seed_for(cfg.run.seed, epoch)
+                    torch.manual_seed(seed)  # dropout
+                    loop.augment_gen.manual_seed(seed + 1)
+                    totals = EpochTotals.zeros(device)
+                train_sampler.set_epoch(epoch, totals.batches)
+                loop.train_epoch(train_loader, epoch, totals, len(train_sampler) + totals.batches)
+                loop.end_epoch(epoch, totals, val_loader, run_log)
+                totals = None
+                if stop.signum is not None and epoch + 1 < cfg.optim.epochs:
+                    raise loop.stopped(epoch + 1, 0)
     finally:
         run_log.close()
     return run_dir
+
+
+class _Loop:
+    """The mutable state of a run and the two things done with it: train an epoch, end an epoch.
+
+    Every checkpoint holds everything needed to continue from the batch boundary where it
+    was taken: weights, optimizer and schedule state, the position in the epoch, the
+    epoch's partial sums, and the global (dropout) and augmentation random states.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        device: torch.device,
+        model: nn.Module,
+        optimizer: PaperSGD,
+        schedule: ReduceLROnPlateau,
+        pre: Preprocess,
+        classes: list[str],
+        reported: set[str],
+    ) -> None:
+        self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.model, self.optimizer, self.schedule, self.pre, self.classes = model, optimizer, schedule, pre, classes
+        self.reported = reported
+        self.augment_gen = torch.Generator(device=device)
+        self.step, self.best = 0, math.inf
+        self.saved = "none (none was written yet)"  # the newest checkpoint, for messages
+        self.stop: StopSignals | None = None
+        # The first step whose loss was not finite, or -1; kept on the device and read
+        # only every SYNC_EVERY steps, at checkpoints and at epoch ends.
+        self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    def restore(self, state: dict[str, Any], path: Path) -> tuple[int, EpochTotals | None]:
+        """Load optimizer, schedule, counters and, for a mid-epoch checkpoint, the partial
+        epoch and random states; returns (epochs done, partial totals or None)."""
+        unknown = set(state["schedule"]) - set(self.schedule.state_dict())
+        if unknown:  # ReduceLROnPlateau.load_state_dict sets any key as an attribute
+            raise AlexNetError(f"checkpoint {path} is malformed: unknown schedule state {sorted(unknown)[:3]}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+            raise AlexNetError(f"checkpoint {path} is malformed: its optimizer or schedule state does not fit the network ({e})") from None
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                v = self.optimizer.state[p].get("velocity")
+                if not isinstance(group["lr"], float) or (v is not None and v.shape != p.shape):
+                    raise AlexNetError(f"checkpoint {path} is malformed: its optimizer state does not fit the network")
+        epoch, self.step, self.best = state["epoch"], state["step"], float(state["best_val_top1_error"])
+        self.saved = f"{path} (epoch {epoch}, step {self.step})"
+        batch = state.get("batch", 0)
+        if not isinstance(batch, int) or batch < 0 or epoch < 0 or self.step < 0:
+            raise AlexNetError(f"checkpoint {path} is malformed: negative or non-integer epoch, batch or step")
+        if batch == 0:
+            log.info("resuming %s after epoch %d (step %d)", self.run_dir, epoch, self.step)
+            return epoch, None
+        totals = EpochTotals.from_state_dict(state.get("partial"), self.device, path)
+        if totals.batches != batch:
+            raise AlexNetError(f"checkpoint {path} is malformed: its batch count disagrees with its partial sums")
+        self._restore_rng(state.get("rng"), path, epoch, batch)
+        log.info("resuming %s in epoch %d after batch %d (step %d)", self.run_dir, epoch + 1, batch, self.step)
+        return epoch, totals
+
+    def _restore_rng(self, rng: Any, path: Path, epoch: int, batch: int) -> None:
+        if not isinstance(rng, dict):
+            raise AlexNetError(f"checkpoint {path} is malformed: a mid-epoch checkpoint without random states")
+        if rng.get("device") != self.device.type:
+            # CPU and CUDA generators have different state formats; the run cannot be exact
+            # across devices anyway (other kernels), so continue with a fresh seed.
+            log.warning("checkpoint written on %s, resumed on %s: random state reseeded, the run is not bit-exact",
+                        rng.get("device"), self.device.type)
+            seed = _seed_for(self.cfg.run.seed, epoch) + 2 * batch
+            torch.manual_seed(seed)
+            self.augment_gen.manual_seed(seed + 1)
+            return
+        try:
+            torch.set_rng_state(rng["torch"])
+            self.augment_gen.set_state(rng["augment"])
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise AlexNetError(f"checkpoint {path} is malformed: bad random state ({e})") from None
+
+    def _check_finite(self, epoch: int, params_too: bool) -> None:
+        """Raise if a loss (or, before a checkpoint, a weight) became NaN or inf. One host sync."""
+        first = int(self.first_nonfinite)
+        what = f"training loss became non-finite at step {first} (epoch {epoch + 1})"
+        if first < 0 and params_too:
+            if bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
+                return
+            what = f"weights became non-finite by step {self.step} (epoch {epoch + 1}; the loss was finite: an overflowing gradient)"
+        elif first < 0:
+            return
+        raise AlexNetError(
+            f"{what}; the last good checkpoint is {self.saved}; lower optim.lr, or set "
+            "optim.skip_nonfinite=true to skip such batches"
+        )
+
+    def save(self, epoch_done: int, totals: EpochTotals | None, metrics: dict[str, Any] | None = None, best: bool = False) -> Path:
+        """Checkpoint at a batch boundary (``totals``: inside an epoch) or at an epoch end."""
+        rng: dict[str, Any] = {
+            "device": self.device.type,
+            "torch": torch.get_rng_state(),
+            "augment": self.augment_gen.get_state(),
+        }
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": epoch_done,
+            "batch": totals.batches if totals is not None else 0,
+            "step": self.step,
+            "best_val_top1_error": self.best,
+            "preprocess": self.pre.state_dict(),
+            "classes": self.classes,
+            "skipped_files": sorted(self.reported),
+            "rng": rng,
+        }
+        if totals is not None:
+            state["partial"] = totals.state_dict()
+        if metrics is not None:
+            state["metrics"] = metrics
+        path = save_run_checkpoint(self.run_dir, state, best=best, keep=self.cfg.run.keep_checkpoints)
+        self.saved = f"{path} (epoch {epoch_done}, step {self.step})"
+        return path
+
+    def stopped(self, epoch_done: int, batch: int) -> Stopped:
+        """The exception that ends a run stopped by a signal, once its checkpoint is written."""
+        assert self.stop is not None and self.stop.signum is not None
+        where = f"in epoch {epoch_done + 1} after batch {batch}" if batch else f"after epoch {epoch_done}"
+        message = (
+            f"stopped by {self.stop.name} {where} (step {self.step}); checkpoint "
+            f"{self.run_dir / 'last.pt'}; continue with: alexnet train --resume {self.run_dir}"
+        )
+        log.warning("%s", message)
+        return Stopped(message, self.stop.signum)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def train_epoch(self, loader: Any, epoch: int, totals: EpochTotals, epoch_batches: int) -> None:
+        """Train on the epoch's remaining batches, adding to totals; checkpoint every
+        run.checkpoint_every steps, and stop with a checkpoint when a signal asks."""
+        from tqdm import tqdm
+
+        cfg, every = self.cfg, self.cfg.run.checkpoint_every
+        params = list(self.model.parameters())
+        self.model.train()
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=not cfg.run.progress, leave=False)
+        for batch in bar:
+            totals.batches += 1
+            _report_skipped(batch.skipped, self.reported)
+            stepped = False
+            if len(batch.labels):
+                stepped = self._step(batch, totals, params, epoch)
+            if stepped and self.step % SYNC_EVERY == 0:
+                self._check_finite(epoch, params_too=False)
+                if cfg.run.progress and totals.seen:
+                    bar.set_postfix(loss=f"{totals.loss_sum.item() / totals.seen:.3f}")
+            stop = self.stop is not None and self.stop.signum is not None
+            if stop or (stepped and every and self.step % every == 0):
+                totals.seconds += time.perf_counter() - start
+                self._check_finite(epoch, params_too=True)
+                self.save(epoch, totals)
+                start = time.perf_counter()
+                log.info("checkpoint at step %d (epoch %d, batch %d/%d)", self.step, epoch + 1, totals.batches, epoch_batches)
+                if stop:
+                    raise self.stopped(epoch, totals.batches)
+        totals.seconds += time.perf_counter() - start
+
+    def _step(self, batch: Any, totals: EpochTotals, params: list[torch.Tensor], epoch: int) -> bool:
+        """One SGD step on a batch; False if the batch was skipped for a non-finite loss."""
+        cfg, device = self.cfg, self.device
+        images = batch.images.to(device, non_blocking=True)
+        labels = batch.labels.to(device, non_blocking=True)
+        x = train_batch(images, self.pre, flip=cfg.data.flip, lighting_std=cfg.data.lighting_std, generator=self.augment_gen)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.skip_nonfinite:
+            # Deciding before the update needs the answer on the host: one sync per step,
+            # which is why skipping is opt-in.
+            grads = [p.grad.isfinite().all() for p in params if p.grad is not None]
+            if not bool(torch.stack([loss.isfinite(), *grads]).all()):
+                self.optimizer.zero_grad(set_to_none=True)
+                totals.skipped_nonfinite += 1
+                log.warning("skipped batch %d of epoch %d: non-finite loss or gradient (%d skipped this epoch)",
+                            totals.batches, epoch + 1, totals.skipped_nonfinite)
+                return False
+        self.optimizer.step()
+        self.step += 1
+        totals.steps += 1
+        bad = ~loss.detach().isfinite() & (self.first_nonfinite < 0)
+        self.first_nonfinite = torch.where(bad, self.step, self.first_nonfinite)
+        totals.loss_sum += loss.detach() * len(labels)
+        totals.wrong += topk_errors(logits.detach(), labels, (1,))[1]
+        totals.seen += len(labels)
+        return True
+
+    def end_epoch(self, epoch: int, totals: EpochTotals, val_loader: Any, run_log: RunLog) -> None:
+        """Validate, step the schedule, append the metrics row and checkpoint."""
+        if totals.seen == 0:
+            raise AlexNetError("no training image could be decoded in this epoch")
+        self._check_finite(epoch, params_too=True)
+        results, skipped = evaluate([self.model], [self.pre], val_loader, self.device, ten=False)
+        val = results["centre"]
+        _report_skipped(skipped, self.reported)
+        lr_before = self.optimizer.param_groups[0]["lr"]
+        self.schedule.step(val.top1_error)
+        row = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "train_loss": totals.loss_sum.item() / totals.seen,
+            "train_error": totals.wrong.item() / totals.seen,
+            "train_images": totals.seen,
+            "train_nonfinite_skipped": totals.skipped_nonfinite,
+            **val.as_dict("val_"),
+            "lr": lr_before,
+            "images_per_s": totals.seen / max(totals.seconds, 1e-9),
+            "epoch_seconds": totals.seconds,
+        }
+        # The row goes out before the checkpoint: a crash in between leaves a row for an
+        # epoch the checkpoint has not got, which resume drops and redoes. The other
+        # order would lose the row for good.
+        run_log.epoch(row)
+        improved = val.top1_error < self.best
+        self.best = min(self.best, val.top1_error)
+        self.save(epoch + 1, None, metrics=row, best=improved)
+        log.info(
+            "epoch %d/%d  loss %.4f  train err %.2f%%  val top-1 %.2f%%  top-5 %.2f%%  lr %.2g  %.0f img/s",
+            epoch + 1,
+            self.cfg.optim.epochs,
+            row["train_loss"],
+            100 * row["train_error"],
+            100 * val.top1_error,
+            100 * val.top5_error,
+            lr_before,
+            row["images_per_s"],
+        )
+        if self.optimizer.param_groups[0]["lr"] < lr_before:
+            log.info("validation error stopped improving: lr %.2g -> %.2g", lr_before, self.optimizer.param_groups[0]["lr"])
 
 
 def _preprocess(cfg: Config, stats: DataStats) -> Preprocess:
@@ -336,62 +705,8 @@ def _preprocess(cfg: Config, stats: DataStats) -> Preprocess:
 
 
 def _report_skipped(skipped: list[str], reported: set[str]) -> None:
+    """Log each undecodable file once per run ("path: reason"), however often it is met."""
     for item in skipped:
         if item not in reported:
             reported.add(item)
             log.warning("skipped unreadable image %s", item)
-
-
-def _train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: Any,
-    pre: Preprocess,
-    cfg: Config,
-    gen: torch.Generator,
-    device: torch.device,
-    epoch: int,
-    reported: set[str],
-) -> dict[str, float]:
-    from tqdm import tqdm
-
-    model.train()
-    # Sums stay on the device: no host synchronisation inside the loop.
-    loss_sum = torch.zeros((), device=device)
-    wrong = torch.zeros((), device=device, dtype=torch.long)
-    seen, steps = 0, 0
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=not cfg.run.progress, leave=False)
-    for batch in bar:
-        _report_skipped(batch.skipped, reported)
-        if not len(batch.labels):
-            continue
-        images = batch.images.to(device, non_blocking=True)
-        labels = batch.labels.to(device, non_blocking=True)
-        x = train_batch(images, pre, flip=cfg.data.flip, lighting_std=cfg.data.lighting_std, generator=gen)
-        logits = model(x)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * len(labels)
-        wrong += topk_errors(logits.detach(), labels, (1,))[1]
-        seen += len(labels)
-        steps += 1
-        if steps % 20 == 0 and cfg.run.progress:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
-    elapsed = time.perf_counter() - start
-    if seen == 0:
-        raise AlexNetError("no training image could be decoded in this epoch")
-    train_loss = loss_sum.item() / seen
-    if not math.isfinite(train_loss):
-        raise AlexNetError(
-            f"training loss became {train_loss} in epoch {epoch + 1}; lower optim.lr or use model.init=kaiming"
-        )
-    return {
-        "train_loss": train_loss,
-        "train_error": wrong.item() / seen,
-        "images_per_s": seen / elapsed,
-        "epoch_seconds": elapsed,
-        "steps": steps,
-    }
