@@ -32,18 +32,11 @@ from . import config as config_lib
 from .augment import Preprocess, make_preprocess, train_batch
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import Config
-from .data import (
-    DataStats,
-    EpochBatchSampler,
-    ImageFolderDataset,
-    compute_stats,
-    find_splits,
-    make_loader,
-    scan_image_folder,
-)
+from .data import DataStats, EpochBatchSampler
 from .errors import AlexNetError
 from .evaluate import evaluate, topk_errors
 from .model import build_model
+from .store import open_training_data
 
 log = logging.getLogger("alexnet")
 
@@ -211,10 +204,16 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path) -> Path:
 
         cfg.data.root = str(ensure_shapes_dataset(progress=cfg.run.progress))
         log.info("no --data given: using the built-in shapes dataset at %s", cfg.data.root)
-    train_dir, val_dir = find_splits(cfg.data.root)
-    train_images = scan_image_folder(train_dir)
-    val_images = scan_image_folder(val_dir, classes=train_images.classes)
-    classes = train_images.classes
+    # An ImageFolder tree, or a store from `alexnet prepare` (decoded once, read as uint8 batches).
+    data = open_training_data(
+        cfg.data.root,
+        cfg.data.image_size,
+        workers=cfg.data.workers,
+        stats_max_images=cfg.data.stats_max_images,
+        device=device,
+        progress=cfg.run.progress,
+    )
+    classes = data.classes
     cfg.model = dataclasses.replace(cfg.model, num_classes=len(classes), input_size=cfg.data.crop_size)
     if cfg.data.crop_size > cfg.data.image_size:
         raise AlexNetError(f"data.crop_size {cfg.data.crop_size} exceeds data.image_size {cfg.data.image_size}")
@@ -223,15 +222,13 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path) -> Path:
         if list(state["classes"]) != classes:
             raise AlexNetError(
                 f"the checkpoint in {run_dir} has {len(state['classes'])} classes, "
-                f"but {train_dir} has {len(classes)} (or different names): resume with the same data"
+                f"but {cfg.data.root} has {len(classes)} (or different names): resume with the same data"
             )
         model = model_from_checkpoint(state, run_dir)
         pre = Preprocess.from_state_dict(state["preprocess"])
     else:
-        log.info("computing the mean image and RGB PCA over %d training images", len(train_images))
-        stats, skipped = compute_stats(
-            train_images, cfg.data.image_size, cfg.data.workers, cfg.data.stats_max_images, cfg.run.progress
-        )
+        log.info("mean image and RGB PCA over %d training images (%s)", data.counts["train"], data.description)
+        stats, skipped = data.stats()
         if skipped:
             log.warning("%d training files cannot be decoded and are skipped, e.g. %s", len(skipped), skipped[0])
         pre = _preprocess(cfg, stats)
@@ -253,10 +250,10 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path) -> Path:
         log.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, step)
     _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
 
-    train_sampler = EpochBatchSampler(len(train_images), cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed)
-    val_sampler = EpochBatchSampler(len(val_images), cfg.optim.batch_size, shuffle=False)
-    train_loader = make_loader(ImageFolderDataset(train_images, cfg.data.image_size), train_sampler, cfg.data.workers)
-    val_loader = make_loader(ImageFolderDataset(val_images, cfg.data.image_size), val_sampler, cfg.data.workers)
+    train_sampler = EpochBatchSampler(data.counts["train"], cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed)
+    val_sampler = EpochBatchSampler(data.counts["val"], cfg.optim.batch_size, shuffle=False)
+    train_loader = data.loader("train", train_sampler)
+    val_loader = data.loader("val", val_sampler)
     augment_gen = torch.Generator(device=device)
     reported: set[str] = set()
     run_log = RunLog(run_dir, cfg.run.tensorboard)
@@ -264,7 +261,7 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path) -> Path:
         "training %s (%s parameters) on %d images of %d classes, %s, for epochs %d-%d",
         cfg.model.name,
         f"{sum(p.numel() for p in model.parameters()):,}",
-        len(train_images),
+        data.counts["train"],
         len(classes),
         device,
         start_epoch + 1,
