@@ -24,18 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from . import config as config_lib
-from .augment import Preprocess, make_preprocess, train_batch
+from .augment import Preprocess, make_preprocess
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import Config
 from .data import DataStats, EpochBatchSampler
 from .errors import AlexNetError
-from .evaluate import evaluate, topk_errors
+from .evaluate import evaluate
 from .model import build_model
+from .step import TrainStep, resolve_options
 from .store import open_training_data
 
 log = logging.getLogger("alexnet")
@@ -249,6 +249,9 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path) -> Path:
         start_epoch, step, best = state["epoch"], state["step"], state["best_val_top1_error"]
         log.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, step)
     _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
+    options = resolve_options(cfg.speed, device)
+    log.info("training step: %s", ", ".join(f"{k} {v}" for k, v in options.as_dict().items()))
+    step_fn = TrainStep(model, optimizer, pre, options, device, flip=cfg.data.flip, lighting_std=cfg.data.lighting_std)
 
     train_sampler = EpochBatchSampler(data.counts["train"], cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed)
     val_sampler = EpochBatchSampler(data.counts["val"], cfg.optim.batch_size, shuffle=False)
@@ -273,7 +276,7 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path) -> Path:
             torch.manual_seed(seed)  # dropout
             augment_gen.manual_seed(seed + 1)
             train_sampler.set_epoch(epoch)
-            row = _train_epoch(model, optimizer, train_loader, pre, cfg, augment_gen, device, epoch, reported)
+            row = _train_epoch(model, step_fn, train_loader, cfg, augment_gen, device, epoch, reported)
             step += row.pop("steps")
             results, skipped = evaluate([model], [pre], val_loader, device, ten=False)
             val = results["centre"]
@@ -341,9 +344,8 @@ def _report_skipped(skipped: list[str], reported: set[str]) -> None:
 
 def _train_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    step_fn: TrainStep,
     loader: Any,
-    pre: Preprocess,
     cfg: Config,
     gen: torch.Generator,
     device: torch.device,
@@ -365,14 +367,9 @@ def _train_epoch(
             continue
         images = batch.images.to(device, non_blocking=True)
         labels = batch.labels.to(device, non_blocking=True)
-        x = train_batch(images, pre, flip=cfg.data.flip, lighting_std=cfg.data.lighting_std, generator=gen)
-        logits = model(x)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * len(labels)
-        wrong += topk_errors(logits.detach(), labels, (1,))[1]
+        loss, errors = step_fn(images, labels, gen)
+        loss_sum += loss * len(labels)
+        wrong += errors
         seen += len(labels)
         steps += 1
         if steps % 20 == 0 and cfg.run.progress:
