@@ -146,7 +146,7 @@ def read_devkit(path: Path) -> Devkit:
         wnids = [str(w) for w in synsets["WNID"]]
         words = [str(w) for w in synsets["words"]]
         children = [int(c) for c in synsets["num_children"]]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, NotImplementedError, scipy.io.matlab.MatReadError) as e:
         raise AlexNetError(f"{path}: {META} is not the devkit's synset table ({e})") from None
     id_to_wnid = dict(zip(ids, wnids))
     leaves = sorted(w for w, c in zip(wnids, children) if c == 0)
