@@ -35,6 +35,7 @@ from test_cli import TINY
 
 import alexnet
 from alexnet import train as train_module
+from alexnet import step as step_module
 from alexnet.cli import main
 from alexnet.synthetic import make_shapes_dataset
 
@@ -273,14 +274,14 @@ def test_disk_full_during_training_keeps_the_previous_checkpoint(dataset: Path, 
 
 def poison_batches(monkeypatch: pytest.MonkeyPatch, calls: set[int]) -> None:
     """Make the network input infinite on the given (1-based) calls of train_batch."""
-    real = train_module.train_batch
+    real = step_module.train_batch
     counter = itertools.count(1)
 
     def poisoned(*args: Any, **kwargs: Any) -> torch.Tensor:
         x = real(*args, **kwargs)
         return x * math.inf if next(counter) in calls else x
 
-    monkeypatch.setattr(train_module, "train_batch", poisoned)
+    monkeypatch.setattr(step_module, "train_batch", poisoned)
 
 
 def train_in_process(dataset: Path, out: Path, *extra: str) -> int:

@@ -66,18 +66,49 @@ class RunConfig:
                 raise AlexNetError(f"run.{key} must be 0 or more; got {getattr(self, key)}")
 
 
+SWITCH = ("auto", "on", "off")
+_SWITCH_WORDS = {True: "on", False: "off", "true": "on", "false": "off", "yes": "on", "no": "off"}
+
+
+@dataclass
+class SpeedConfig:
+    """How the training step is computed; none of these changes what it computes beyond rounding.
+
+    "auto" picks what is fastest and safe on the device (see step.py for the measurements).
+    """
+
+    amp: str | bool = "auto"  # auto | bf16 | fp16 | off: autocast dtype (fp16 uses loss scaling)
+    channels_last: str | bool = "auto"  # auto | on | off: NHWC memory layout for model and input
+    compile: str | bool = "auto"  # auto | on | off: torch.compile the model and the optimizer step
+    tower_convs: str = "auto"  # auto | grouped | split: the paper net's two-tower convolutions
+
+    def __post_init__(self) -> None:
+        for key, allowed in (
+            ("amp", ("auto", "bf16", "fp16", "off")),
+            ("channels_last", SWITCH),
+            ("compile", SWITCH),
+            ("tower_convs", ("auto", "grouped", "split")),
+        ):
+            value = getattr(self, key)
+            value = _SWITCH_WORDS.get(value.lower() if isinstance(value, str) else value, value)
+            if value not in allowed:
+                raise AlexNetError(f"speed.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+            setattr(self, key, value)
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig, "speed": SpeedConfig}
 
 
 def preset_names() -> list[str]:
@@ -94,6 +125,8 @@ _NULLS = ("", "~", "null", "Null", "NULL", "None", "none")  # e.g. data.root=nul
 
 def _coerce(section: str, key: str, value: Any, current: Any, annotation: str) -> Any:
     """Convert a YAML or command-line value to the field's type, with a clear error."""
+    if isinstance(value, bool) and "bool" in annotation:
+        return value  # a YAML true/false for a field that also takes words (speed.compile: false)
     if isinstance(value, str) and "str" in annotation:
         # Strings (data.root paths) stay verbatim: "0x10", "on" or "@x" are names, not YAML.
         return None if "None" in annotation and value in _NULLS else value

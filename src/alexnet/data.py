@@ -19,6 +19,7 @@ import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -120,8 +121,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
+def load_image(path: str | Path | BinaryIO, size: int) -> np.ndarray:
     """Decode, rescale the shorter side to ``size`` and keep the central square: (size, size, 3) uint8.
+
+    ``path`` may also be an open binary file (an archive member read into memory).
 
     Handles grayscale, CMYK, palette, 16-bit and EXIF-rotated files, and a PNG saved
     with a .jpg name (PIL reads the content, not the name). Raises BadImage otherwise.
@@ -301,6 +304,14 @@ class StatsAccumulator:
         self.rgb_sum += pixels.sum(1)
         self.rgb_outer += pixels @ pixels.T
         self.count += images.shape[0]
+
+    def add_sums(self, image_sum: np.ndarray, rgb_sum: list[int], rgb_outer: list[list[int]], count: int) -> None:
+        """Add sums taken elsewhere (prepare's workers) over ``count`` images, all in 0-255 units:
+        the per-pixel sum (3, S, S), the RGB sum (3,) and the RGB products (3, 3) over all pixels."""
+        self.image_sum += torch.from_numpy(np.asarray(image_sum, dtype=np.float64))
+        self.rgb_sum += torch.tensor(rgb_sum, dtype=torch.float64) / 255.0
+        self.rgb_outer += torch.tensor(rgb_outer, dtype=torch.float64) / 255.0**2
+        self.count += count
 
     def result(self) -> DataStats:
         if self.count == 0:

@@ -134,6 +134,38 @@ class LocalResponseNorm(nn.Module):
         return f"size={self.size}, alpha={self.alpha} (per n), beta={self.beta}, k={self.k}, groups={self.groups}"
 
 
+class TowerConv2d(nn.Conv2d):
+    """A convolution over two towers: ``groups=2``, computed as one grouped convolution or,
+    with ``split = True``, as one convolution per tower whose outputs are concatenated.
+
+    Both compute the same function from the same parameters (weight (out, in/groups, k, k)),
+    so state_dicts are interchangeable; which is faster depends on the device and library
+    (cuDNN has been slow on grouped convolutions), and benchmarks choose (speed.tower_convs).
+    """
+
+    split: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.split or self.groups == 1:
+            return super().forward(x)
+        g = self.groups
+        biases = self.bias.chunk(g) if self.bias is not None else [None] * g
+        towers = [
+            F.conv2d(xi, wi, bi, self.stride, self.padding, self.dilation)
+            for xi, wi, bi in zip(x.chunk(g, 1), self.weight.chunk(g), biases)
+        ]
+        return torch.cat(towers, 1)
+
+
+def set_tower_convs(model: nn.Module, impl: str) -> None:
+    """``"grouped"`` or ``"split"`` for every two-tower convolution of model (a no-op for torchvision's)."""
+    if impl not in ("grouped", "split"):
+        raise AlexNetError(f"tower convolutions must be 'grouped' or 'split'; got {impl!r}")
+    for module in model.modules():
+        if isinstance(module, TowerConv2d):
+            module.split = impl == "split"
+
+
 def _conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
@@ -158,13 +190,13 @@ class PaperAlexNet(nn.Module):
         self.lrn2 = LocalResponseNorm(cfg.lrn, g) if cfg.lrn != "none" else nn.Identity()
 
         self.conv1 = nn.Conv2d(3, c1, cfg.conv1_kernel, cfg.conv1_stride, cfg.conv1_padding)
-        self.conv2 = nn.Conv2d(c1, c2, 5, padding=2, groups=g)
+        self.conv2 = TowerConv2d(c1, c2, 5, padding=2, groups=g)
         # A removed middle layer passes its input channels on to the next layer.
         self.conv3 = nn.Conv2d(c2, c3, 3, padding=1) if cfg.remove_conv != 3 else None
         c3_out = c3 if self.conv3 is not None else c2
-        self.conv4 = nn.Conv2d(c3_out, c4, 3, padding=1, groups=g) if cfg.remove_conv != 4 else None
+        self.conv4 = TowerConv2d(c3_out, c4, 3, padding=1, groups=g) if cfg.remove_conv != 4 else None
         c4_out = c4 if self.conv4 is not None else c3_out
-        self.conv5 = nn.Conv2d(c4_out, c5, 3, padding=1, groups=g) if cfg.remove_conv != 5 else None
+        self.conv5 = TowerConv2d(c4_out, c5, 3, padding=1, groups=g) if cfg.remove_conv != 5 else None
         c5_out = c5 if self.conv5 is not None else c4_out
 
         side = _conv_out(cfg.input_size, cfg.conv1_kernel, cfg.conv1_stride, cfg.conv1_padding)

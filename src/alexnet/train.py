@@ -38,26 +38,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from . import config as config_lib
-from .augment import Preprocess, make_preprocess, train_batch
+from .augment import Preprocess, make_preprocess
 from .checkpoint import load_for_resume, model_from_checkpoint, save_run_checkpoint
 from .config import Config
-from .data import (
-    DataStats,
-    EpochBatchSampler,
-    ImageFolderDataset,
-    compute_stats,
-    find_splits,
-    make_loader,
-    scan_image_folder,
-)
+from .data import DataStats, EpochBatchSampler
 from .errors import AlexNetError, Stopped
-from .evaluate import evaluate, topk_errors
+from .evaluate import evaluate
 from .model import build_model
+from .step import TrainStep, resolve_options
+from .store import open_training_data
 
 log = logging.getLogger("alexnet")
 
@@ -361,10 +354,16 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, state_path: P
 
         cfg.data.root = str(ensure_shapes_dataset(progress=cfg.run.progress))
         log.info("no --data given: using the built-in shapes dataset at %s", cfg.data.root)
-    train_dir, val_dir = find_splits(cfg.data.root)
-    train_images = scan_image_folder(train_dir)
-    val_images = scan_image_folder(val_dir, classes=train_images.classes)
-    classes = train_images.classes
+    # An ImageFolder tree, or a store from `alexnet prepare` (decoded once, read as uint8 batches).
+    data = open_training_data(
+        cfg.data.root,
+        cfg.data.image_size,
+        workers=cfg.data.workers,
+        stats_max_images=cfg.data.stats_max_images,
+        device=device,
+        progress=cfg.run.progress,
+    )
+    classes = data.classes
     cfg.model = dataclasses.replace(cfg.model, num_classes=len(classes), input_size=cfg.data.crop_size)
     if cfg.data.crop_size > cfg.data.image_size:
         raise AlexNetError(f"data.crop_size {cfg.data.crop_size} exceeds data.image_size {cfg.data.image_size}")
@@ -374,16 +373,14 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, state_path: P
         if list(state["classes"]) != classes:
             raise AlexNetError(
                 f"the checkpoint in {run_dir} has {len(state['classes'])} classes, "
-                f"but {train_dir} has {len(classes)} (or different names): resume with the same data"
+                f"but {cfg.data.root} has {len(classes)} (or different names): resume with the same data"
             )
         model = model_from_checkpoint(state, state_path or run_dir)
         pre = Preprocess.from_state_dict(state["preprocess"])
         reported.update(str(s) for s in state.get("skipped_files", []))
     else:
-        log.info("computing the mean image and RGB PCA over %d training images", len(train_images))
-        stats, skipped = compute_stats(
-            train_images, cfg.data.image_size, cfg.data.workers, cfg.data.stats_max_images, cfg.run.progress
-        )
+        log.info("mean image and RGB PCA over %d training images (%s)", data.counts["train"], data.description)
+        stats, skipped = data.stats()
         if skipped:
             log.warning("%d training files cannot be decoded and are skipped", len(skipped))
             _report_skipped(skipped, reported)
@@ -398,16 +395,28 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, state_path: P
         param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_biases), lr=cfg.optim.lr, momentum=cfg.optim.momentum
     )
     schedule = plateau_schedule(optimizer, cfg.optim)
-    loop = _Loop(cfg, run_dir, device, model, optimizer, schedule, pre, classes, reported)
+    options = resolve_options(cfg.speed, device)
+    log.info("step options: %s", ", ".join(f"{k} {v}" for k, v in options.as_dict().items()))
+    step_fn = TrainStep(
+        model,
+        optimizer,
+        pre,
+        options,
+        device,
+        flip=cfg.data.flip,
+        lighting_std=cfg.data.lighting_std,
+        skip_nonfinite=cfg.optim.skip_nonfinite,
+    )
+    loop = _Loop(cfg, run_dir, device, model, optimizer, schedule, pre, classes, reported, step_fn)
     start_epoch, totals = 0, None
     if state is not None:
         start_epoch, totals = loop.restore(state, state_path or run_dir / "last.pt")
     _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
 
-    train_sampler = EpochBatchSampler(len(train_images), cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed)
-    val_sampler = EpochBatchSampler(len(val_images), cfg.optim.batch_size, shuffle=False)
-    train_loader = make_loader(ImageFolderDataset(train_images, cfg.data.image_size), train_sampler, cfg.data.workers)
-    val_loader = make_loader(ImageFolderDataset(val_images, cfg.data.image_size), val_sampler, cfg.data.workers)
+    train_sampler = EpochBatchSampler(data.counts["train"], cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed)
+    val_sampler = EpochBatchSampler(data.counts["val"], cfg.optim.batch_size, shuffle=False)
+    train_loader = data.loader("train", train_sampler)
+    val_loader = data.loader("val", val_sampler)
     run_log = RunLog(run_dir, cfg.run.tensorboard)
     try:
         # From here on SIGTERM/SIGINT stop with a checkpoint; before, there is nothing to
@@ -418,7 +427,7 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, state_path: P
                 "training %s (%s parameters) on %d images of %d classes, %s, for epochs %d-%d",
                 cfg.model.name,
                 f"{sum(p.numel() for p in model.parameters()):,}",
-                len(train_images),
+                data.counts["train"],
                 len(classes),
                 device,
                 start_epoch + 1,
@@ -460,8 +469,10 @@ class _Loop:
         pre: Preprocess,
         classes: list[str],
         reported: set[str],
+        step_fn: TrainStep,
     ) -> None:
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.step_fn = step_fn
         self.model, self.optimizer, self.schedule, self.pre, self.classes = model, optimizer, schedule, pre, classes
         self.reported = reported
         self.augment_gen = torch.Generator(device=device)
@@ -590,7 +601,6 @@ class _Loop:
         from tqdm import tqdm
 
         cfg, every = self.cfg, self.cfg.run.checkpoint_every
-        params = list(self.model.parameters())
         self.model.train()
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=not cfg.run.progress, leave=False)
@@ -599,7 +609,7 @@ class _Loop:
             _report_skipped(batch.skipped, self.reported)
             stepped = False
             if len(batch.labels):
-                stepped = self._step(batch, totals, params, epoch)
+                stepped = self._step(batch, totals, epoch)
             if stepped and self.step % SYNC_EVERY == 0:
                 self._check_finite(epoch, params_too=False)
                 if cfg.run.progress and totals.seen:
@@ -615,33 +625,26 @@ class _Loop:
                     raise self.stopped(epoch, totals.batches)
         totals.seconds += time.perf_counter() - start
 
-    def _step(self, batch: Any, totals: EpochTotals, params: list[torch.Tensor], epoch: int) -> bool:
+    def _step(self, batch: Any, totals: EpochTotals, epoch: int) -> bool:
         """One SGD step on a batch; False if the batch was skipped for a non-finite loss."""
-        cfg, device = self.cfg, self.device
-        images = batch.images.to(device, non_blocking=True)
-        labels = batch.labels.to(device, non_blocking=True)
-        x = train_batch(images, self.pre, flip=cfg.data.flip, lighting_std=cfg.data.lighting_std, generator=self.augment_gen)
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.skip_nonfinite:
-            # Deciding before the update needs the answer on the host: one sync per step,
-            # which is why skipping is opt-in.
-            grads = [p.grad.isfinite().all() for p in params if p.grad is not None]
-            if not bool(torch.stack([loss.isfinite(), *grads]).all()):
-                self.optimizer.zero_grad(set_to_none=True)
-                totals.skipped_nonfinite += 1
-                log.warning("skipped batch %d of epoch %d: non-finite loss or gradient (%d skipped this epoch)",
-                            totals.batches, epoch + 1, totals.skipped_nonfinite)
-                return False
-        self.optimizer.step()
+        images = batch.images.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        loss, wrong = self.step_fn(images, labels, self.augment_gen)
+        if self.step_fn.skipped:
+            totals.skipped_nonfinite += 1
+            log.warning(
+                "skipped batch %d of epoch %d: non-finite loss or gradient (%d skipped this epoch)",
+                totals.batches,
+                epoch + 1,
+                totals.skipped_nonfinite,
+            )
+            return False
         self.step += 1
         totals.steps += 1
-        bad = ~loss.detach().isfinite() & (self.first_nonfinite < 0)
+        bad = ~loss.isfinite() & (self.first_nonfinite < 0)
         self.first_nonfinite = torch.where(bad, self.step, self.first_nonfinite)
-        totals.loss_sum += loss.detach() * len(labels)
-        totals.wrong += topk_errors(logits.detach(), labels, (1,))[1]
+        totals.loss_sum += loss * len(labels)
+        totals.wrong += wrong
         totals.seen += len(labels)
         return True
 

@@ -1,0 +1,420 @@
+"""``alexnet prepare SRC DEST``: decode a dataset once into a store (store.py), on every core, resumably.
+
+SRC is an ImageFolder tree (``train/<class>/*``, ``val/<class>/*``) or a folder of the
+official ILSVRC-2012 archives (imagenet.py). Each image goes through the same
+``data.load_image`` as the folder loader (shorter side to S, central S x S patch), so a
+store holds exactly the uint8 pixels the folder path would produce.
+
+The work is cut into chunks of ``chunk_size`` consecutive images. A process pool decodes
+chunks and writes each straight into the memory-mapped images file; when a chunk is on
+disk (flushed), one line goes into ``prepare-progress.jsonl`` (appended and fsynced, so
+an interrupted write leaves at most a torn last line, which is ignored). Running the same
+command again skips the recorded chunks. The training set's mean image and RGB PCA are
+then computed from the store in one parallel read, and the header ``store.json`` is
+written last, atomically: a folder with a header is a complete store.
+
+Images that cannot be decoded are not zero-filled into the data: their slots get label
+-1, are left out of the store's index, and are listed with their reasons in the header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+import zlib
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import __version__, imagenet, store
+from .data import BadImage, StatsAccumulator, find_splits, load_image, resolve_workers, scan_image_folder
+from .errors import AlexNetError
+
+log = logging.getLogger("alexnet")
+
+Member = imagenet.Member  # (name or path, offset in the archive or -1 for a file, size or -1)
+
+
+@dataclass
+class SplitSource:
+    archive: str | None  # the archive the members' offsets refer to; None: members are files
+    members: list[Member]
+    labels: list[int]
+
+
+@dataclass
+class Source:
+    kind: str  # "image-folder" | "ilsvrc2012"
+    path: Path
+    classes: list[str]
+    splits: dict[str, SplitSource]
+    class_words: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self, image_size: int, chunk_size: int) -> str:
+        """Identifies the inputs and parameters of a prepare: names, sizes and mtimes of every input."""
+        h = hashlib.sha256(f"{store.VERSION} {self.kind} {image_size} {chunk_size} {self.classes}".encode())
+        for name, split in self.splits.items():
+            if split.archive is not None:
+                st = os.stat(split.archive)
+                h.update(f"{name} {split.archive} {st.st_size} {st.st_mtime_ns}\n".encode())
+            for (member, offset, size), label in zip(split.members, split.labels):
+                if offset < 0:
+                    st = os.stat(member)
+                    offset, size = st.st_mtime_ns, st.st_size
+                h.update(f"{member} {offset} {size} {label}\n".encode())
+        return h.hexdigest()
+
+
+def find_source(src: str | Path) -> Source:
+    """An ILSVRC-2012 archive folder (if it holds ILSVRC2012_img_train.tar), else an ImageFolder tree."""
+    src = Path(src)
+    if imagenet.is_ilsvrc_folder(src):
+        classes, words, splits = imagenet.scan_ilsvrc(src)
+        return Source(
+            "ilsvrc2012",
+            src.resolve(),
+            classes,
+            {name: SplitSource(str(archive), members, labels) for name, (archive, members, labels) in splits.items()},
+            words,
+        )
+    train_dir, val_dir = find_splits(src)
+    train = scan_image_folder(train_dir)
+    val = scan_image_folder(val_dir, classes=train.classes)
+    return Source(
+        "image-folder",
+        src.resolve(),
+        train.classes,
+        {
+            "train": SplitSource(None, [(p, -1, -1) for p in train.paths], train.labels),
+            "val": SplitSource(None, [(p, -1, -1) for p in val.paths], val.labels),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Worker side: runs in pool processes (or in-process with workers=0)
+
+_archives: dict[str, int] = {}  # archive path -> file descriptor, one per worker process
+
+
+def _decode(member: Member, archive: str | None, image_size: int) -> np.ndarray:
+    name, offset, size = member
+    if archive is None:
+        return load_image(name, image_size)
+    fd = _archives.get(archive)
+    if fd is None:
+        fd = _archives[archive] = os.open(archive, os.O_RDONLY)
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise BadImage(f"the archive ends {size - len(data)} bytes before the end of this member")
+    return load_image(io.BytesIO(data), image_size)
+
+
+@dataclass
+class ChunkTask:
+    split: str
+    chunk: int
+    start: int  # first slot
+    images_path: str
+    archive: str | None
+    members: list[Member]
+    image_size: int
+
+
+def write_chunk(task: ChunkTask) -> dict[str, Any]:
+    """Decode one chunk, write it into the store's memory map and flush; returns its progress record."""
+    s = task.image_size
+    buf = np.zeros((len(task.members), s, s, 3), dtype=np.uint8)
+    skipped = []
+    for i, member in enumerate(task.members):
+        try:
+            buf[i] = _decode(member, task.archive, s)
+        except BadImage as e:
+            skipped.append([task.start + i, member[0], str(e)])
+    images = np.load(task.images_path, mmap_mode="r+")
+    images[task.start : task.start + len(buf)] = buf
+    images.flush()  # on disk before the chunk is recorded as done
+    del images
+    return {"split": task.split, "chunk": task.chunk, "crc32": zlib.crc32(buf.data), "skipped": skipped}
+
+
+def chunk_sums(args: tuple[str, int, int, np.ndarray]) -> tuple[np.ndarray, list[int], list[list[int]], int]:
+    """Exact integer sums over a chunk's valid images: per-pixel sum (S, S, 3), RGB sum, RGB outer products.
+
+    Products are summed in float64 over 8 images at a time (at most 8 * S * S * 255^2,
+    far below 2^53, so exact) and returned as Python ints, which never overflow.
+    """
+    path, start, stop, valid = args
+    images = np.load(path, mmap_mode="r")
+    s = images.shape[1]
+    image_sum = np.zeros((s, s, 3), dtype=np.uint64)
+    rgb_sum = np.zeros(3, dtype=np.uint64)
+    outer = [[0] * 3 for _ in range(3)]
+    slots = np.flatnonzero(valid) + start
+    for b in range(0, len(slots), 8):
+        block = images[slots[b : b + 8]]  # (<=8, S, S, 3) uint8
+        image_sum += block.sum(0, dtype=np.uint64)
+        pixels = block.reshape(-1, 3).astype(np.float64)
+        rgb_sum += pixels.sum(0).astype(np.uint64)
+        products = pixels.T @ pixels
+        for i in range(3):
+            for j in range(3):
+                outer[i][j] += int(products[i, j])
+    return image_sum, [int(v) for v in rgb_sum], outer, len(slots)
+
+
+# --------------------------------------------------------------------------------------
+# Driver
+
+
+@dataclass
+class PrepareReport:
+    dest: Path
+    images: int  # decoded by this run (0 when the store was already complete)
+    seconds: float  # decoding time of this run
+    workers: int
+    skipped: list[str]
+    complete_before: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dest": str(self.dest),
+            "images": self.images,
+            "seconds": self.seconds,
+            "images_per_s": self.images_per_s,
+            "workers": self.workers,
+            "images_per_s_per_worker": self.images_per_s / max(1, self.workers),
+            "skipped": len(self.skipped),
+            "complete_before": self.complete_before,
+        }
+
+
+@contextlib.contextmanager
+def _exclusive(dest: Path) -> Iterator[None]:
+    """One prepare per destination at a time (an advisory lock; two writers would corrupt the progress log)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(dest / ".prepare.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise AlexNetError(f"another alexnet prepare is writing {dest}") from None
+        yield
+
+
+def _read_progress(path: Path, params: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Finished chunks recorded by an earlier run with the same parameters; a torn last line is ignored."""
+    lines = path.read_text().splitlines()
+    try:
+        first = json.loads(lines[0]) if lines else None
+    except ValueError:
+        first = None
+    if first != params:
+        raise AlexNetError(
+            f"{path.parent} holds an unfinished prepare of other data or parameters; run the command that "
+            "started it, or delete the folder to start over"
+        )
+    done = {}
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # torn by an interruption: that chunk is redone
+        done[record["split"], record["chunk"]] = record
+    return done
+
+
+def _map(fn: Any, tasks: list[Any], workers: int) -> Iterator[Any]:
+    """Results of fn over tasks as they finish: a process pool, or in this process with workers=0."""
+    if workers == 0:
+        yield from map(fn, tasks)
+        return
+    pool = ProcessPoolExecutor(workers)
+    try:
+        futures: list[Future] = [pool.submit(fn, t) for t in tasks]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def prepare(
+    src: str | Path,
+    dest: str | Path,
+    *,
+    image_size: int = 256,
+    workers: int = -1,
+    chunk_size: int = 256,
+    progress: bool = True,
+) -> PrepareReport:
+    """Write (or finish writing) the store of ``src`` at ``dest``; see the module docstring."""
+    from tqdm import tqdm
+
+    if image_size < 1 or chunk_size < 1:
+        raise AlexNetError(f"image size and chunk size must be positive; got {image_size} and {chunk_size}")
+    dest = Path(dest)
+    workers = resolve_workers(workers)
+    source = find_source(src)
+    params = {
+        "format": store.FORMAT,
+        "version": store.VERSION,
+        "source": source.kind,
+        "path": str(source.path),
+        "image_size": image_size,
+        "chunk_size": chunk_size,
+        "counts": {name: len(split.members) for name, split in source.splits.items()},
+        "fingerprint": source.fingerprint(image_size, chunk_size),
+    }
+    if (dest / store.HEADER).is_file():
+        header = json.loads((dest / store.HEADER).read_text())
+        if header.get("prepare", {}).get("params") == params:
+            log.info("%s is already a complete store of %s", dest, source.path)
+            return PrepareReport(dest, 0, 0.0, workers, [], complete_before=True)
+        raise AlexNetError(f"{dest} already holds a store of other data or parameters; choose another destination")
+    if dest.exists() and any(dest.iterdir()) and not (dest / store.PROGRESS).is_file():
+        raise AlexNetError(f"{dest} exists and is not an alexnet store; give a new or empty folder")
+    dest.mkdir(parents=True, exist_ok=True)
+
+    with _exclusive(dest):
+        progress_path = dest / store.PROGRESS
+        done = _read_progress(progress_path, params) if progress_path.is_file() else {}
+        if not progress_path.is_file():
+            with open(progress_path, "w") as f:
+                f.write(json.dumps(params) + "\n")
+        tasks = []
+        for name, split in source.splits.items():
+            path = dest / store.images_file(name)
+            shape = (len(split.members), image_size, image_size, 3)
+            if not done or not path.is_file():
+                # A sparse file: creating it costs nothing whatever its size.
+                np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+                done = {k: v for k, v in done.items() if k[0] != name}
+            elif store.npy_layout(path)[0] != shape:
+                raise AlexNetError(f"{path} does not have the shape this prepare needs; delete {dest} to start over")
+            for k, start in enumerate(range(0, len(split.members), chunk_size)):
+                if (name, k) not in done:
+                    members = split.members[start : start + chunk_size]
+                    tasks.append(ChunkTask(name, k, start, str(path), split.archive, members, image_size))
+        todo = sum(len(t.members) for t in tasks)
+        total = sum(len(s.members) for s in source.splits.values())
+        if done:
+            log.info("resuming: %d of %d images already prepared", total - todo, total)
+        bar = tqdm(total=total, initial=total - todo, desc="prepare", unit="img", disable=not progress, smoothing=0.05)
+        start_time = time.perf_counter()
+        with open(progress_path, "a") as log_file:
+            for record in _map(write_chunk, tasks, workers):
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                os.fsync(log_file.fileno())
+                done[record["split"], record["chunk"]] = record
+                bar.update(min(chunk_size, len(source.splits[record["split"]].members) - record["chunk"] * chunk_size))
+        seconds = time.perf_counter() - start_time
+        bar.close()
+
+        header = _finish(dest, source, params, done, workers, progress)
+    report = PrepareReport(
+        dest,
+        todo,
+        seconds,
+        workers,
+        [f"{s['item']}: {s['reason']}" for info in header["splits"].values() for s in info["skipped"]],
+    )
+    if todo:
+        log.info(
+            "prepared %d images in %.1f s: %.0f images/s, %.1f per worker (%d workers)",
+            todo,
+            seconds,
+            report.images_per_s,
+            report.images_per_s / max(1, workers),
+            workers,
+        )
+    return report
+
+
+def _finish(
+    dest: Path, source: Source, params: dict[str, Any], done: dict[tuple[str, int], dict[str, Any]], workers: int, progress: bool
+) -> dict[str, Any]:
+    """Labels with skipped slots marked, the training statistics, then the header (last, atomically)."""
+    from tqdm import tqdm
+
+    size, chunk = params["image_size"], params["chunk_size"]
+    splits_info = {}
+    labels_by_split = {}
+    for name, split in source.splits.items():
+        labels = np.asarray(split.labels, dtype=np.int32)
+        records = [done[name, k] for k in range(-(-len(labels) // chunk))]
+        skipped = [s for r in records for s in r["skipped"]]
+        for slot, _, _ in skipped:
+            labels[slot] = -1
+        if name == "train" and not (labels >= 0).any():
+            raise AlexNetError(f"none of the {len(labels)} training images of {source.path} could be decoded")
+        np.save(dest / store.labels_file(name), labels)
+        labels_by_split[name] = labels
+        splits_info[name] = {
+            "slots": len(labels),
+            "valid": int((labels >= 0).sum()),
+            "images": store.images_file(name),
+            "labels": store.labels_file(name),
+            "labels_sha256": store.sha256_file(dest / store.labels_file(name)),
+            "chunk_size": chunk,
+            "chunk_crc32": [r["crc32"] for r in records],
+            "skipped": [{"slot": slot, "item": item, "reason": reason} for slot, item, reason in skipped],
+        }
+        for slot, item, reason in skipped[:20]:
+            log.warning("skipped %s: %s", item, reason)
+        if len(skipped) > 20:
+            log.warning("... and %d more unreadable %s images (all listed in %s)", len(skipped) - 20, name, store.HEADER)
+
+    labels = labels_by_split["train"]
+    path = str(dest / store.images_file("train"))
+    tasks = [(path, a, min(a + chunk, len(labels)), labels[a : a + chunk] >= 0) for a in range(0, len(labels), chunk)]
+    acc = StatsAccumulator(size)
+    bar = tqdm(total=len(tasks), desc="mean image and PCA", unit="chunk", disable=not progress, leave=False)
+    for image_sum, rgb_sum, outer, count in _map(chunk_sums, tasks, workers):
+        acc.add_sums(image_sum.transpose(2, 0, 1), rgb_sum, outer, count)
+        bar.update()
+    bar.close()
+    stats = acc.result()
+    shas = {}
+    for key in store.STATS_KEYS:
+        np.save(dest / store.stats_file(key), getattr(stats, key).numpy())
+        shas[key] = store.sha256_file(dest / store.stats_file(key))
+
+    header = {
+        "format": store.FORMAT,
+        "version": store.VERSION,
+        "image_size": size,
+        "layout": "NHWC",
+        "dtype": "uint8",
+        "classes": source.classes,
+        "class_words": [source.class_words.get(c, "") for c in source.classes],
+        "splits": splits_info,
+        "stats": {"count": stats.count, "sha256": shas},
+        "prepare": {
+            "params": params,
+            "alexnet_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "python": sys.version.split()[0],
+            "numpy": np.__version__,
+        },
+    }
+    store.write_json_atomic(dest / store.HEADER, header)
+    (dest / store.PROGRESS).unlink()
+    (dest / ".prepare.lock").unlink(missing_ok=True)
+    return header

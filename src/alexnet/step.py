@@ -1,0 +1,152 @@
+"""One training step, built once per run: augmentation, forward, loss, backward, the paper's update.
+
+The switches of ``speed`` (config.SpeedConfig) change how the step is computed, not what:
+
+* ``amp``: autocast to bf16 (or fp16 with loss scaling, for GPUs without bf16). Weights,
+  optimizer state, the loss and the update stay float32.
+* ``channels_last``: NHWC memory for weights and input. The augmented batch is already
+  NHWC (augment.py gathers HWC patches), so "off" costs an explicit transpose.
+* ``compile``: ``torch.compile`` of the model (forward and backward) and of the optimizer
+  step, whose foreach updates then fuse into a few kernels.
+* ``tower_convs``: the paper net's two-tower convolutions as grouped convolutions or as
+  two convolutions per layer (model.TowerConv2d); same parameters, same function.
+
+"auto" resolves per device. On CUDA: bf16 (fp16 before compute capability 8.0),
+channels_last, compiled, grouped tower convolutions until `alexnet bench` on the GPU
+says otherwise (its ``towers`` section measures both). On the CPU: float32, channels_last
+and grouped convolutions, eager. Measured on the 2-core development CPU (Xeon with AMX,
+torch 2.14.1, 2026-11-23; benchmarks/RESULTS.md); the numbers and the reasons for each
+default are recorded there.
+
+Nothing in the step reads a value back to the host: the loss and the count of errors
+come back as device tensors, summed by the caller. The one exception is fp16, whose
+GradScaler checks for inf/NaN gradients on the host once per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .augment import Preprocess, train_batch
+from .config import SpeedConfig
+from .errors import AlexNetError
+from .evaluate import topk_errors
+from .model import set_tower_convs
+
+log = logging.getLogger("alexnet")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """SpeedConfig with every "auto" decided for one device."""
+
+    amp: str  # "bf16" | "fp16" | "off"
+    channels_last: bool
+    compile: bool
+    tower_convs: str  # "grouped" | "split"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"amp": self.amp, "channels_last": self.channels_last, "compile": self.compile, "tower_convs": self.tower_convs}
+
+
+def compile_available() -> bool:
+    """torch.compile needs Triton on CUDA and a C++ compiler on the CPU; without them it would fail at the first step."""
+    try:
+        from torch._inductor import config as _  # noqa: F401
+    except ImportError:
+        return False
+    if torch.cuda.is_available():
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+    import shutil
+
+    return shutil.which("c++") is not None or shutil.which("g++") is not None or shutil.which("cl") is not None
+
+
+def resolve_options(cfg: SpeedConfig, device: torch.device) -> StepOptions:
+    cuda = device.type == "cuda"
+    amp = cfg.amp
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
+    if amp == "fp16" and not cuda:
+        raise AlexNetError("speed.amp=fp16 needs a CUDA device (loss scaling); use bf16 or off on the CPU")
+    if amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise AlexNetError(f"{torch.cuda.get_device_name(device)} has no bf16; use speed.amp=fp16")
+    channels_last = cfg.channels_last == "on" or cfg.channels_last == "auto"
+    compile_ = cfg.compile == "on" or (cfg.compile == "auto" and cuda and compile_available())
+    if cfg.compile == "on" and not compile_available():
+        raise AlexNetError("speed.compile=on needs torch.compile's backend (Triton on CUDA, a C++ compiler on CPU)")
+    tower_convs = "grouped" if cfg.tower_convs == "auto" else cfg.tower_convs
+    return StepOptions(amp, channels_last, compile_, tower_convs)
+
+
+class TrainStep:
+    """``step(images_uint8, labels, generator) -> (loss, wrong)``: one SGD step on a uint8 batch on the device.
+
+    ``loss`` is the batch's mean cross-entropy and ``wrong`` its count of top-1 errors, both
+    device tensors (no host synchronisation). The model and optimizer are updated in place;
+    ``model`` stays the plain module (checkpoints never see the compile wrapper).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        pre: Preprocess,
+        options: StepOptions,
+        device: torch.device,
+        *,
+        flip: bool = True,
+        lighting_std: float = 0.1,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        self.model, self.optimizer, self.pre, self.options = model, optimizer, pre, options
+        self.flip, self.lighting_std = flip, lighting_std
+        # optim.skip_nonfinite: deciding before the update needs the answer on the host,
+        # one sync per step, which is why skipping is opt-in. `skipped` tells the caller.
+        self.skip_nonfinite, self.skipped = skip_nonfinite, False
+        self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+        model.to(memory_format=self.memory_format)  # in place: parameters keep their identity
+        set_tower_convs(model, options.tower_convs)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(device.type) if options.amp == "fp16" else None
+        self.forward = torch.compile(model) if options.compile else model
+        self.update = torch.compile(optimizer.step) if options.compile and self.scaler is None else optimizer.step
+
+    def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        x = train_batch(images, self.pre, flip=self.flip, lighting_std=self.lighting_std, generator=generator)
+        return self.model_step(x.contiguous(memory_format=self.memory_format), labels)
+
+    def model_step(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The step on an already augmented float batch (what `alexnet bench` times as "model step")."""
+        with self.autocast():
+            logits = self.forward(x)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.skipped = self.skip_nonfinite and not _all_finite(loss, self.optimizer)
+            if self.skipped:
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                self.update()
+        return loss.detach(), topk_errors(logits.detach(), labels, (1,))[1]
+
+
+def _all_finite(loss: Tensor, optimizer: torch.optim.Optimizer) -> bool:
+    grads = [p.grad.isfinite().all() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return bool(torch.stack([loss.isfinite(), *grads]).all())
