@@ -31,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alexnet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a network (the paper's recipe by default)")
+    t = sub.add_parser(
+        "train",
+        help="train a network (the paper's recipe by default)",
+        epilog="exit status: 0 finished; 2 error (one line, also in RUN/log.txt); 130 or 143 stopped by SIGINT or "
+        "SIGTERM after writing a checkpoint: continue with --resume RUN",
+    )
     _config_args(t)
     _add_runtime(t)
     t.add_argument("--out", help="run directory (default: runs/<time>)")
