@@ -1,4 +1,4 @@
-"""``alexnet train | evaluate | predict | make-dataset | config``: argument parsing and dispatch only."""
+"""``alexnet train | evaluate | predict | import-weights | make-dataset | config``: argument parsing and dispatch only."""
 
 from __future__ import annotations
 
@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ten-crop", action="store_true", help="average the ten patches, as the paper's test")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    w = sub.add_parser("import-weights", help="turn torchvision or Caffe AlexNet weights into an alexnet checkpoint")
+    w.add_argument("source", metavar="SRC", help="alexnet-owt-*.pth, bvlc_alexnet.caffemodel or bvlc_alexnet.npy")
+    w.add_argument("--format", required=True, choices=("torchvision", "caffe-npy", "caffemodel"))
+    w.add_argument("--out", required=True, help="checkpoint to write: .pt, or .safetensors")
+    w.add_argument("--classes", metavar="FILE", help="one class per line (id or id<TAB>name); default: the 1000 ILSVRC-2012 classes")
+    w.add_argument("--mean", metavar="FILE", help="Caffe mean image (.binaryproto or .npy, BGR); default: per-channel 104, 117, 123")
 
     m = sub.add_parser("make-dataset", help="write the built-in shapes dataset")
     m.add_argument("root", nargs="?", help="where (default: the cache folder train uses)")
@@ -157,9 +164,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(r.path)
             if r.error:
                 print(f"  cannot read: {r.error}")
-            for name, p in r.top:
-                print(f"  {p:6.3f}  {name}")
+            for (name, p), cid in zip(r.top, r.classes):
+                print(f"  {p:6.3f}  {name}" + (f"  ({cid})" if cid != name else ""))
     return 1 if any(r.error for r in results) else 0
+
+
+def cmd_import_weights(args: argparse.Namespace) -> int:
+    from .weights import import_weights, write_checkpoint
+
+    state = import_weights(args.source, args.format, args.classes, args.mean)
+    out = write_checkpoint(state, args.out)
+    model = state["config"]["model"]
+    print(f"{out}: {model['name']} variant, {len(state['classes'])} classes, from {state['source']}")
+    return 0
 
 
 def cmd_make_dataset(args: argparse.Namespace) -> int:
@@ -188,6 +205,7 @@ COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
+    "import-weights": cmd_import_weights,
     "make-dataset": cmd_make_dataset,
     "config": cmd_config,
 }
