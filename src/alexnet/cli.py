@@ -1,4 +1,5 @@
-"""``alexnet train | evaluate | predict | import-weights | make-dataset | config``: argument parsing and dispatch only."""
+"""``alexnet train | evaluate | predict | import-weights | features | retrieve | make-dataset | config``:
+argument parsing and dispatch only."""
 
 from __future__ import annotations
 
@@ -63,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", required=True, help="checkpoint to write: .pt, or .safetensors")
     w.add_argument("--classes", metavar="FILE", help="one class per line (id or id<TAB>name); default: the 1000 ILSVRC-2012 classes")
     w.add_argument("--mean", metavar="FILE", help="Caffe mean image (.binaryproto or .npy, BGR); default: per-channel 104, 117, 123")
+
+    f = sub.add_parser("features", help="fc7 (4096-d) vectors for every image under a folder, as an .npz index")
+    f.add_argument("checkpoint", metavar="CHECKPOINT")
+    f.add_argument("folder", metavar="FOLDER", help="images, searched recursively")
+    f.add_argument("--out", required=True, help="the .npz index to write")
+    _add_runtime(f)
+    f.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser("retrieve", help="nearest index images in fc7 space (the paper's Figure 4), drawn as a grid")
+    r.add_argument("checkpoint", metavar="CHECKPOINT")
+    r.add_argument("queries", nargs="+", metavar="QUERY", help="query images")
+    r.add_argument("--index", required=True, help="an .npz from 'alexnet features' with the same checkpoint")
+    r.add_argument("--k", type=int, default=6, help="neighbours per query (the paper shows 6)")
+    r.add_argument("--out", help="PNG grid to write: one row per query, nearest first")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     m = sub.add_parser("make-dataset", help="write the built-in shapes dataset")
     m.add_argument("root", nargs="?", help="where (default: the cache folder train uses)")
@@ -179,6 +196,51 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .features import extract_features, save_index
+    from .train import resolve_device
+
+    device = resolve_device(args.device or "auto")
+    index = extract_features(
+        load_model(args.checkpoint, device),
+        args.folder,
+        batch_size=args.batch_size or 64,
+        workers=0 if args.workers is None else args.workers,
+        device=device,
+        progress=not args.no_progress,
+    )
+    save_index(index, args.out)
+    for reason in index.skipped:
+        logging.getLogger("alexnet").warning("skipped %s", reason)
+    n, d = index.features.shape
+    print(f"{args.out}: {n} images x {d} features" + (f", {len(index.skipped)} skipped" if index.skipped else ""))
+    return 0
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from .retrieve import draw_grid, retrieve, save_png
+    from .train import resolve_device
+
+    if args.k < 1:
+        raise AlexNetError(f"--k must be at least 1; got {args.k}")
+    results, _ = retrieve(args.checkpoint, args.index, args.queries, args.k, resolve_device(args.device))
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        for r in results:
+            print(r.query)
+            if r.error:
+                print(f"  cannot read: {r.error}")
+            for path, distance in r.neighbours:
+                print(f"  {distance:10.4f}  {path}")
+    if args.out:
+        save_png(draw_grid(results), args.out)
+        if not args.json:
+            print(f"grid: {args.out}")
+    return 1 if any(r.error for r in results) else 0
+
+
 def cmd_make_dataset(args: argparse.Namespace) -> int:
     from .synthetic import ensure_shapes_dataset
 
@@ -206,6 +268,8 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "import-weights": cmd_import_weights,
+    "features": cmd_features,
+    "retrieve": cmd_retrieve,
     "make-dataset": cmd_make_dataset,
     "config": cmd_config,
 }
