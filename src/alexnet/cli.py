@@ -1,4 +1,4 @@
-"""``alexnet train | evaluate | predict | import-weights | features | retrieve | make-dataset | config``:
+"""``alexnet train | evaluate | predict | import-weights | features | retrieve | export | make-dataset | config``:
 argument parsing and dispatch only."""
 
 from __future__ import annotations
@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="PNG grid to write: one row per query, nearest first")
     r.add_argument("--device", default="cpu")
     r.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    x = sub.add_parser("export", help="ONNX, TorchScript or safetensors, checked against PyTorch")
+    x.add_argument("checkpoint", metavar="CHECKPOINT")
+    x.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
+    x.add_argument("--out", required=True, help="file to write (.onnx, .pt, .safetensors)")
+    x.add_argument("--tolerance", type=float, default=1e-4, help="allowed max |diff| per unit of the largest logit")
 
     m = sub.add_parser("make-dataset", help="write the built-in shapes dataset")
     m.add_argument("root", nargs="?", help="where (default: the cache folder train uses)")
@@ -241,6 +247,13 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 1 if any(r.error for r in results) else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    print(export(args.checkpoint, args.format, args.out, args.tolerance).summary())
+    return 0
+
+
 def cmd_make_dataset(args: argparse.Namespace) -> int:
     from .synthetic import ensure_shapes_dataset
 
@@ -270,6 +283,7 @@ COMMANDS = {
     "import-weights": cmd_import_weights,
     "features": cmd_features,
     "retrieve": cmd_retrieve,
+    "export": cmd_export,
     "make-dataset": cmd_make_dataset,
     "config": cmd_config,
 }
