@@ -1,4 +1,5 @@
-"""``alexnet train | evaluate | predict | import-weights | features | retrieve | export | make-dataset | config``:
+"""``alexnet train | evaluate | predict | import-weights | features | retrieve | visualize | export | serve
+| make-dataset | config``:
 argument parsing and dispatch only."""
 
 from __future__ import annotations
@@ -80,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="PNG grid to write: one row per query, nearest first")
     r.add_argument("--device", default="cpu")
     r.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    v = sub.add_parser("visualize", help="the paper's figures: conv1 kernels, top-5 predictions; training curves")
+    vsub = v.add_subparsers(dest="figure", required=True)
+    vf = vsub.add_parser("filters", help="conv1 kernels as an image grid (Figure 3)")
+    vf.add_argument("checkpoint", metavar="CHECKPOINT")
+    vf.add_argument("--out", required=True, help="PNG to write")
+    vf.add_argument("--columns", type=int, default=16)
+    vf.add_argument("--scale", type=int, default=4, help="pixels per kernel weight")
+    vp = vsub.add_parser("predictions", help="images with their top-5 classes (Figure 4, left)")
+    vp.add_argument("checkpoint", metavar="CHECKPOINT")
+    vp.add_argument("images", nargs="+", metavar="IMAGE")
+    vp.add_argument("--out", required=True, help="PNG to write")
+    vp.add_argument("--ten-crop", action="store_true")
+    vp.add_argument("--device", default="cpu")
+    vc = vsub.add_parser("curves", help="loss, error and learning rate per epoch of one or more runs")
+    vc.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or metrics.jsonl files)")
+    vc.add_argument("--out", required=True, help="PNG to write")
 
     x = sub.add_parser("export", help="ONNX, TorchScript or safetensors, checked against PyTorch")
     x.add_argument("checkpoint", metavar="CHECKPOINT")
@@ -247,6 +265,29 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 1 if any(r.error for r in results) else 0
 
 
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from . import visualize as vis
+    from .checkpoint import load_model
+    from .train import resolve_device
+
+    if args.figure == "filters":
+        if args.columns < 1 or args.scale < 1:
+            raise AlexNetError(f"--columns and --scale must be at least 1; got {args.columns} and {args.scale}")
+        weight, towers = vis.conv1_weight(load_model(args.checkpoint))
+        grid = vis.filter_grid(weight, towers, columns=args.columns, scale=args.scale)
+        out = vis.save_image(grid, args.out)
+        print(f"{out}: {weight.shape[0]} conv1 kernels {weight.shape[2]}x{weight.shape[3]}, {towers} tower(s), {grid.shape[1]}x{grid.shape[0]} px")
+    elif args.figure == "predictions":
+        loaded = load_model(args.checkpoint, resolve_device(args.device))
+        out = vis.save_figure(vis.predictions_figure(vis.predictions(loaded, args.images, ten=args.ten_crop)), args.out)
+        print(f"{out}: top-5 of {len(args.images)} image(s)")
+    else:
+        runs = {Path(r).name if Path(r).is_dir() else Path(r).parent.name: vis.read_metrics(r) for r in args.runs}
+        out = vis.save_figure(vis.curves_figure(runs), args.out)
+        print(f"{out}: {', '.join(f'{k} ({len(v)} epochs)' for k, v in runs.items())}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
 
@@ -283,6 +324,7 @@ COMMANDS = {
     "import-weights": cmd_import_weights,
     "features": cmd_features,
     "retrieve": cmd_retrieve,
+    "visualize": cmd_visualize,
     "export": cmd_export,
     "make-dataset": cmd_make_dataset,
     "config": cmd_config,
