@@ -1,6 +1,5 @@
-"""``alexnet train | evaluate | predict | import-weights | features | retrieve | visualize | export | serve
-| make-dataset | config``:
-argument parsing and dispatch only."""
+"""``alexnet train | evaluate | predict | import-weights | features | retrieve | visualize | export | serve |
+make-dataset | config``: argument parsing and dispatch only."""
 
 from __future__ import annotations
 
@@ -104,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
     x.add_argument("--out", required=True, help="file to write (.onnx, .pt, .safetensors)")
     x.add_argument("--tolerance", type=float, default=1e-4, help="allowed max |diff| per unit of the largest logit")
+
+    sv = sub.add_parser("serve", help="HTTP service: JSON POST /predict and an upload page at /")
+    sv.add_argument("checkpoint", metavar="CHECKPOINT")
+    sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413")
 
     m = sub.add_parser("make-dataset", help="write the built-in shapes dataset")
     m.add_argument("root", nargs="?", help="where (default: the cache folder train uses)")
@@ -295,6 +301,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise AlexNetError(f"alexnet serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'alexnet[serve]'") from None
+    from .train import resolve_device
+
+    if args.max_upload_mb <= 0:
+        raise AlexNetError(f"--max-upload-mb must be positive; got {args.max_upload_mb}")
+    serve(args.checkpoint, args.host, args.port, resolve_device(args.device), int(args.max_upload_mb * 2**20))
+    return 0
+
+
 def cmd_make_dataset(args: argparse.Namespace) -> int:
     from .synthetic import ensure_shapes_dataset
 
@@ -326,6 +345,7 @@ COMMANDS = {
     "retrieve": cmd_retrieve,
     "visualize": cmd_visualize,
     "export": cmd_export,
+    "serve": cmd_serve,
     "make-dataset": cmd_make_dataset,
     "config": cmd_config,
 }
