@@ -10,7 +10,13 @@ from alexnet.checkpoint import load_model
 from alexnet.cli import main
 from alexnet.data import load_image
 from alexnet.errors import AlexNetError
-from alexnet.features import extract_features, list_images, load_index, model_fingerprint, save_index
+from alexnet.features import (
+    extract_features,
+    list_images,
+    load_index,
+    model_fingerprint,
+    save_index,
+)
 
 
 @pytest.fixture

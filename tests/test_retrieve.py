@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny_checkpoint
 from PIL import Image
 
 from alexnet.checkpoint import load_model
@@ -12,7 +13,6 @@ from alexnet.cli import main
 from alexnet.errors import AlexNetError
 from alexnet.features import extract_features, save_index
 from alexnet.retrieve import Retrieval, draw_grid, nearest, retrieve
-from conftest import write_tiny_checkpoint
 
 
 def brute_force(index: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +56,7 @@ def index_setup(tmp_path, tiny_checkpoint) -> tuple[Path, Path, Path]:
 
 
 def test_retrieve_ranks_the_index_by_fc7_distance(index_setup, tiny_checkpoint):
-    root, index_path, query = index_setup
+    _, index_path, query = index_setup
     [result], index = retrieve(tiny_checkpoint, index_path, [str(query)], k=4)
     loaded = load_model(tiny_checkpoint)
     from alexnet.data import load_image

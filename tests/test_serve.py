@@ -14,10 +14,10 @@ pytest.importorskip("httpx")  # TestClient's transport
 with warnings.catch_warnings():
     # starlette 1.x asks for "httpx2", which is not on PyPI; httpx works.
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
-    from fastapi.testclient import TestClient  # noqa: E402
+    from fastapi.testclient import TestClient
 
-from alexnet.predict import predict  # noqa: E402
-from alexnet.serve import create_app  # noqa: E402
+from alexnet.predict import predict
+from alexnet.serve import create_app
 
 
 def png_bytes(array: np.ndarray) -> bytes:

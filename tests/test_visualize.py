@@ -12,7 +12,14 @@ from alexnet import create_model
 from alexnet.checkpoint import load_model
 from alexnet.cli import main
 from alexnet.errors import AlexNetError
-from alexnet.visualize import conv1_weight, curves_figure, filter_grid, predictions, predictions_figure, read_metrics
+from alexnet.visualize import (
+    conv1_weight,
+    curves_figure,
+    filter_grid,
+    predictions,
+    predictions_figure,
+    read_metrics,
+)
 
 K, SCALE, GAP, TOWER_GAP, COLS = 11, 4, 1, 6, 16
 CELL = K * SCALE  # 44 px

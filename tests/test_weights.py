@@ -27,7 +27,12 @@ from alexnet.checkpoint import load_checkpoint, load_model
 from alexnet.cli import main
 from alexnet.errors import AlexNetError
 from alexnet.imagenet import imagenet_classes
-from alexnet.weights import CAFFE_MEAN_BGR, caffe_message, import_weights, write_checkpoint
+from alexnet.weights import (
+    CAFFE_MEAN_BGR,
+    caffe_message,
+    import_weights,
+    write_checkpoint,
+)
 
 # A Caffe AlexNet at a quarter of the conv widths and 32 fc units: bvlc_alexnet's pattern
 # (two towers in conv2/4/5, 11x11/4 conv1 on 227 inputs) in a file of a few hundred KB.
@@ -71,7 +76,7 @@ def caffe_conv(x: torch.Tensor, w: np.ndarray, b: np.ndarray, stride: int = 1, p
 
 
 def caffe_conv_layers(x: torch.Tensor, conv) -> torch.Tensor:
-    pool = lambda t: F.max_pool2d(t, 3, 2, ceil_mode=True)  # noqa: E731 - Caffe rounds pooled sizes up
+    pool = lambda t: F.max_pool2d(t, 3, 2, ceil_mode=True)
     x = pool(caffe_lrn(F.relu(conv("conv1", x, stride=4))))  # (B, 24, 55, 55) -> 27
     x = pool(caffe_lrn(F.relu(conv("conv2", x, pad=2, group=2))))  # -> 13
     x = F.relu(conv("conv3", x, pad=1))
@@ -212,7 +217,7 @@ def test_torchvision_checkpoint_carries_imagenet_classes_and_preprocessing(torch
 
 
 def test_torchvision_wrapped_and_dataparallel_state_dicts(torchvision_file, tmp_path):
-    path, reference = torchvision_file
+    reference = torchvision_file[1]
     wrapped = tmp_path / "wrapped.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}, "epoch": 90}, wrapped)
     state = import_weights(wrapped, "torchvision")

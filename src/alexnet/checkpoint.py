@@ -149,7 +149,7 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except (SafetensorError, OSError, ValueError) as e:
         raise AlexNetError(f"cannot read {path}: damaged or not a safetensors file ({e})") from None
     if meta.get("format") != json.dumps(FORMAT):

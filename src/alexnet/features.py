@@ -24,7 +24,13 @@ from tqdm import tqdm
 
 from .augment import eval_patches
 from .checkpoint import LoadedModel, atomic_write
-from .data import IMAGE_EXTENSIONS, EpochBatchSampler, ImageFolderDataset, ImageList, make_loader
+from .data import (
+    IMAGE_EXTENSIONS,
+    EpochBatchSampler,
+    ImageFolderDataset,
+    ImageList,
+    make_loader,
+)
 from .errors import AlexNetError
 
 

@@ -21,7 +21,7 @@ import io
 import json
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
@@ -112,7 +112,7 @@ def create_app(
         return info
 
     @app.post("/predict")
-    def predict(file: UploadFile = File(..., description="an image file")) -> dict[str, Any]:
+    def predict(file: Annotated[UploadFile, File(description="an image file")]) -> dict[str, Any]:
         # A plain def: FastAPI runs it in its thread pool, off the event loop.
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:

@@ -166,6 +166,11 @@ def read_metrics(run: str | Path) -> list[dict]:
     return rows
 
 
+def _series(rows: list[dict], key: str, scale: float = 1.0) -> list[float]:
+    """One metric per epoch; NaN (a gap in the line) where a row lacks it."""
+    return [r[key] * scale if r.get(key) is not None else float("nan") for r in rows]
+
+
 def curves_figure(runs: dict[str, list[dict]], dpi: int = 100) -> Figure:
     """Three panels against epoch: training loss; training and validation top-1/top-5 error
     (%); learning rate (log scale). One colour per run."""
@@ -174,15 +179,11 @@ def curves_figure(runs: dict[str, list[dict]], dpi: int = 100) -> Figure:
     for i, (name, rows) in enumerate(runs.items()):
         colour = f"C{i % 10}"
         epochs = [r["epoch"] for r in rows]
-
-        def series(key: str, scale: float = 1.0) -> list[float]:
-            return [r[key] * scale if r.get(key) is not None else float("nan") for r in rows]
-
-        ax_loss.plot(epochs, series("train_loss"), color=colour, label=name)
-        ax_err.plot(epochs, series("train_error", 100), color=colour, linestyle=":", label=f"{name} train")
-        ax_err.plot(epochs, series("val_top1_error", 100), color=colour, label=f"{name} val top-1")
-        ax_err.plot(epochs, series("val_top5_error", 100), color=colour, linestyle="--", label=f"{name} val top-5")
-        ax_lr.plot(epochs, series("lr"), color=colour, label=name)
+        ax_loss.plot(epochs, _series(rows, "train_loss"), color=colour, label=name)
+        ax_err.plot(epochs, _series(rows, "train_error", 100), color=colour, linestyle=":", label=f"{name} train")
+        ax_err.plot(epochs, _series(rows, "val_top1_error", 100), color=colour, label=f"{name} val top-1")
+        ax_err.plot(epochs, _series(rows, "val_top5_error", 100), color=colour, linestyle="--", label=f"{name} val top-5")
+        ax_lr.plot(epochs, _series(rows, "lr"), color=colour, label=name)
     ax_loss.set(title="training loss", xlabel="epoch")
     ax_err.set(title="error (%)", xlabel="epoch")
     ax_lr.set(title="learning rate", xlabel="epoch", yscale="log")

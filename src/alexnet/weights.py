@@ -52,7 +52,7 @@ import pickle
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -322,7 +322,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     the name the file gives.
     """
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
         ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),
         ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),
         ("numpy", "ndarray"): np.ndarray,
