@@ -139,14 +139,18 @@ def random_images(n: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, 256, 256), generator=g, dtype=torch.uint8)
 
 
-def write_caffemodel(path: Path, blobs, v1: bool = False) -> Path:
+def write_caffemodel(path: Path, blobs, v1: bool = False, v0: bool = False) -> Path:
     """A NetParameter like bvlc_alexnet.caffemodel: data/relu/pool layers without blobs
-    around the eight with weights. ``v1``: the 2014 ``layers`` field with 4-d legacy dims."""
+    around the eight with weights. ``v1``: the 2014 ``layers`` field with 4-d legacy dims;
+    ``v0``: the older layout, a V0LayerParameter inside each of those."""
     net = caffe_message("NetParameter")
     net.name = "AlexNet"
     order = ["data", "conv1", "relu1", "norm1", "pool1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8", "prob"]
+    v1 = v1 or v0
     for name in order:
         layer = net.layers.add() if v1 else net.layer.add()
+        if v0:
+            layer = layer.layer
         layer.name = name
         if not v1:
             layer.type = "Convolution" if name.startswith("conv") else "InnerProduct" if name.startswith("fc") else "ReLU"
@@ -254,10 +258,10 @@ def test_torchvision_wrong_layout_says_what_was_expected(tmp_path):
 # Caffe .caffemodel
 
 
-@pytest.mark.parametrize("v1", [False, True], ids=["layer", "v1-layers"])
-def test_caffemodel_import_matches_caffe_forward(tmp_path, v1):
+@pytest.mark.parametrize("layout", ["layer", "v1", "v0"])
+def test_caffemodel_import_matches_caffe_forward(tmp_path, layout):
     blobs = caffe_blobs(10)
-    path = write_caffemodel(tmp_path / "net.caffemodel", blobs, v1=v1)
+    path = write_caffemodel(tmp_path / "net.caffemodel", blobs, v1=layout == "v1", v0=layout == "v0")
     ckpt = write_checkpoint(import_weights(path, "caffemodel", classes_file=write_classes(tmp_path / "c.txt", 10)), tmp_path / "c.pt")
     images = random_images()
     mean = torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)
