@@ -167,12 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_for_inference
-    from .data import (
-        EpochBatchSampler,
-        ImageFolderDataset,
-        make_loader,
-        scan_image_folder,
-    )
+    from .data import EpochBatchSampler, ImageFolderDataset, make_loader, scan_image_folder
     from .evaluate import evaluate
     from .train import resolve_device
 

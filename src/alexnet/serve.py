@@ -159,7 +159,7 @@ PAGE = """<!doctype html>
   #drop { border: 2px dashed #aaa; border-radius: 8px; padding: 1.2rem; text-align: center; }
   #drop.over { border-color: #36c; background: #f0f5ff; }
   #result { display: flex; gap: 1.5rem; margin-top: 1.5rem; align-items: flex-start; }
-  #preview { max-width: 16rem; max-height: 16rem; border-radius: 4px; display: none; }
+  #preview { width: 16rem; height: 16rem; object-fit: contain; image-rendering: pixelated; border-radius: 4px; display: none; }
   #top5 { list-style: none; padding: 0; margin: 0; flex: 1; }
   #top5 li { margin: .35rem 0; }
   .name { display: block; font-size: .95rem; }
