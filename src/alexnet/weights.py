@@ -220,8 +220,12 @@ def _caffe_messages() -> dict[str, type]:
     )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
+    if hasattr(message_factory, "GetMessageClass"):  # protobuf >= 4.22
+        make = message_factory.GetMessageClass
+    else:  # older protobuf (3.20 - 4.21)
+        make = message_factory.MessageFactory(pool).GetPrototype
     return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"alexnet_caffe.{name}"))
+        name: make(pool.FindMessageTypeByName(f"alexnet_caffe.{name}"))
         for name in ("BlobShape", "BlobProto", "V0LayerParameter", "V1LayerParameter", "LayerParameter", "NetParameter")
     }
 
