@@ -37,3 +37,43 @@ def write_jpeg(
 @pytest.fixture
 def make_jpeg() -> Callable[..., Path]:
     return write_jpeg
+
+
+def write_tiny_checkpoint(
+    path: Path, classes: list[str], names: list[str] | None = None, seed: int = 0, image_size: int = 32, crop_size: int = 28
+) -> Path:
+    """An untrained but complete checkpoint of a small paper-pattern network (no training needed).
+
+    Written the way train.py writes one, so evaluate/predict/features/export/serve see an
+    ordinary checkpoint; ``names`` adds readable class names.
+    """
+    import torch
+
+    from alexnet.augment import make_preprocess
+    from alexnet.checkpoint import save_checkpoint
+    from alexnet.config import Config
+    from alexnet.model import ModelConfig, build_model
+
+    torch.manual_seed(seed)
+    cfg = Config()
+    cfg.data.image_size, cfg.data.crop_size, cfg.data.normalize = image_size, crop_size, "mean-image-std"
+    cfg.model = ModelConfig(
+        num_classes=len(classes), width=0.125, fc_width=32, conv1_kernel=5, conv1_stride=1, init="kaiming", input_size=crop_size
+    )
+    model = build_model(cfg.model)
+    mean = torch.rand(3, image_size, image_size) * 40 + 100
+    pre = make_preprocess("mean-image-std", image_size, crop_size, mean, torch.full((3,), 60.0), torch.ones(3) * 0.01, torch.eye(3))
+    state = {"config": cfg.to_dict(), "model": model.state_dict(), "preprocess": pre.state_dict(), "classes": list(classes)}
+    if names is not None:
+        state["class_names"] = list(names)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, state)
+    return path
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A 6-class small checkpoint with readable names (ids c0..c5, names 'class zero'...)."""
+    ids = [f"c{i}" for i in range(6)]
+    names = ["class zero", "class one", "class two", "class three", "class four", "class five"]
+    return write_tiny_checkpoint(tmp_path / "tiny.pt", ids, names)

@@ -231,9 +231,9 @@ def test_resume_refuses_recipe_changes(trained, capsys):
 def test_load_model_checks_variant_and_classes(trained):
     from alexnet import AlexNetError, load_model
 
-    model = load_model(trained / "last.pt", "paper", 10)
+    model = load_model(trained / "last.pt", name="paper", num_classes=10).model
     assert model.fc8.out_features == 10 and not model.training
     with pytest.raises(AlexNetError, match="holds a 'paper' model with 10 classes; expected 'torchvision'"):
-        load_model(trained / "last.pt", "torchvision")
+        load_model(trained / "last.pt", name="torchvision")
     with pytest.raises(AlexNetError, match="expected 'paper' with 1000 classes"):
         load_model(trained / "last.pt", num_classes=1000)

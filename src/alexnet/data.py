@@ -39,6 +39,10 @@ class BadImage(Exception):
     """An image file that cannot be used; the message is the reason."""
 
 
+class ImageTooLarge(BadImage):
+    """An image over the pixel limit, or a decompression bomb (a small file of huge dimensions)."""
+
+
 @dataclass(frozen=True)
 class ImageList:
     """The files of one split: paths, integer labels, and class names in label order."""
@@ -127,7 +131,8 @@ def load_image(path: str | Path | BinaryIO, size: int) -> np.ndarray:
     ``path`` may also be an open binary file (an archive member read into memory).
 
     Handles grayscale, CMYK, palette, 16-bit and EXIF-rotated files, and a PNG saved
-    with a .jpg name (PIL reads the content, not the name). Raises BadImage otherwise.
+    with a .jpg name (PIL reads the content, not the name). ``path`` may also be an open
+    binary file (an upload). Raises BadImage otherwise, ImageTooLarge for oversized images.
     """
     try:
         with warnings.catch_warnings():
@@ -138,7 +143,7 @@ def load_image(path: str | Path | BinaryIO, size: int) -> np.ndarray:
             warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
             with Image.open(path) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise BadImage(f"{img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
+                    raise ImageTooLarge(f"{img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
                 # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when that still
                 # leaves the shorter side >= size: several times faster on ImageNet.
                 img.draft("RGB", (size, size))
@@ -153,7 +158,7 @@ def load_image(path: str | Path | BinaryIO, size: int) -> np.ndarray:
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(f"refused as a decompression bomb: {e}") from None
+        raise ImageTooLarge(f"refused as a decompression bomb: {e}") from None
     except FileNotFoundError:
         raise BadImage("file vanished") from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as e:

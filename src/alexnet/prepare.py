@@ -1,7 +1,7 @@
 """``alexnet prepare SRC DEST``: decode a dataset once into a store (store.py), on every core, resumably.
 
 SRC is an ImageFolder tree (``train/<class>/*``, ``val/<class>/*``) or a folder of the
-official ILSVRC-2012 archives (imagenet.py). Each image goes through the same
+official ILSVRC-2012 archives (ilsvrc.py). Each image goes through the same
 ``data.load_image`` as the folder loader (shorter side to S, central S x S patch), so a
 store holds exactly the uint8 pixels the folder path would produce.
 
@@ -35,13 +35,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import __version__, imagenet, store
+from . import __version__, ilsvrc, store
 from .data import BadImage, StatsAccumulator, find_splits, load_image, resolve_workers, scan_image_folder
 from .errors import AlexNetError
 
 log = logging.getLogger("alexnet")
 
-Member = imagenet.Member  # (name or path, offset in the archive or -1 for a file, size or -1)
+Member = ilsvrc.Member  # (name or path, offset in the archive or -1 for a file, size or -1)
 
 
 @dataclass
@@ -77,8 +77,8 @@ class Source:
 def find_source(src: str | Path) -> Source:
     """An ILSVRC-2012 archive folder (if it holds ILSVRC2012_img_train.tar), else an ImageFolder tree."""
     src = Path(src)
-    if imagenet.is_ilsvrc_folder(src):
-        classes, words, splits = imagenet.scan_ilsvrc(src)
+    if ilsvrc.is_ilsvrc_folder(src):
+        classes, words, splits = ilsvrc.scan_ilsvrc(src)
         return Source(
             "ilsvrc2012",
             src.resolve(),
