@@ -19,6 +19,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -120,7 +121,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
+def load_image(path: str | Path | BinaryIO, size: int) -> np.ndarray:
     """Decode, rescale the shorter side to ``size`` and keep the central square: (size, size, 3) uint8.
 
     Handles grayscale, CMYK, palette, 16-bit and EXIF-rotated files, and a PNG saved

@@ -90,6 +90,18 @@ class PaperSGD(torch.optim.Optimizer):
         return loss
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a prepared batch; returns (summed loss, misclassified count), both
+    detached and on the device so the caller can sum them without a host synchronisation.
+    Shared by this loop and the in-memory loop of experiments.py."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach() * len(labels), topk_errors(logits.detach(), labels, (1,))[1]
+
+
 def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool) -> list[dict[str, Any]]:
     if decay_biases:
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
@@ -360,13 +372,9 @@ def _train_epoch(
         images = batch.images.to(device, non_blocking=True)
         labels = batch.labels.to(device, non_blocking=True)
         x = train_batch(images, pre, flip=cfg.data.flip, lighting_std=cfg.data.lighting_std, generator=gen)
-        logits = model(x)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * len(labels)
-        wrong += topk_errors(logits.detach(), labels, (1,))[1]
+        batch_loss, batch_wrong = train_step(model, optimizer, x, labels)
+        loss_sum += batch_loss
+        wrong += batch_wrong
         seen += len(labels)
         steps += 1
         if steps % 20 == 0 and cfg.run.progress:
