@@ -95,8 +95,9 @@ class Figure1Net(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity=activation)
                 nn.init.zeros_(m.bias)
-        # The output layer starts near zero (the paper's N(0, 0.01)) so that both nets start
-        # at the chance loss ln 10; with He gain the ReLU net started at a loss of about 6.
+        # The output layer takes the paper's N(0, 0.01), which keeps both nets' starting loss
+        # near the chance level ln 10 = 2.30 (measured on unit-scale noise, three seeds:
+        # tanh 2.32, ReLU 2.5-2.8; the ReLU features are larger, RMS about 4 against 0.7).
         nn.init.normal_(self.classifier.weight, 0.0, 0.01)
         nn.init.zeros_(self.classifier.bias)
 
