@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,7 @@ def test_relu_vs_tanh_reduced_writes_a_complete_run(cifar_tree: Path, tmp_path: 
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["experiment"] == "relu-vs-tanh" and config["settings"]["subset"] == 500
     assert config["environment"]["torch"] == str(torch.__version__)
+    assert config["environment"]["command"] == shlex.join(["alexnet", *argv])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training_images"] == 120 and summary["paper_ratio"] == 6.0
     for act in ("relu", "tanh"):
@@ -248,10 +250,13 @@ def test_ablations_reduced_table_seeds_and_rerun(cifar_tree: Path, tmp_path: Pat
     with Image.open(out / "ablations.png") as img:
         assert img.format == "PNG"
 
-    # The same command again reuses every finished run; other settings are refused.
+    # The same command again reuses every finished run, as does one asking for a subset
+    # of the variants and seeds; other settings are refused.
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     assert main(argv) == 0
+    assert main([*argv, "--variants", "no-lrn", "--seeds", "1"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
+    assert [r["variant"] for r in json.loads((out / "summary.json").read_text())["rows"]] == ["no-lrn"]
     capsys.readouterr()
     assert main([*argv, "--epochs", "1"]) == 2
     assert "holds a ablations run with other settings" in capsys.readouterr().err

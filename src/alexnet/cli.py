@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -239,7 +240,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     }
     settings = resolve_settings(args.name, args.reduced, overrides)
     out = args.out or str(Path("runs") / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = run_experiment(args.name, args.data, out, settings, resolve_device(args.device))
+    run_dir = run_experiment(args.name, args.data, out, settings, resolve_device(args.device), args.command_line)
     print((run_dir / "summary.md").read_text(), end="")
     print(f"run directory: {run_dir}")
     return 0
@@ -257,6 +258,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["alexnet", *(sys.argv[1:] if argv is None else argv)])  # recorded with results
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("alexnet").setLevel(logging.INFO)
     try:

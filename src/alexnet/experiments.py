@@ -27,7 +27,8 @@ A run directory holds ``config.yaml`` (the settings and the environment), ``metr
 (one line per measurement window of every training run), ``runs/<name>.json`` (each
 finished training run), the figure (``figure1.png`` or ``ablations.png``), ``summary.json``
 and ``summary.md``. Running the same command with the same ``--out`` again skips the
-training runs already finished there, so a long experiment can be done in pieces.
+training runs already finished there, so a long experiment can be done in pieces (also
+with other ``--seeds`` or ``--variants``; the summary covers the runs asked for).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -252,7 +252,7 @@ def epochs_to(rows: Sequence[dict[str, float]], target: float) -> float | None:
 # Run directories
 
 
-def environment(device: torch.device) -> dict[str, Any]:
+def environment(device: torch.device, command: str) -> dict[str, Any]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -261,7 +261,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": name,
         "torch": str(torch.__version__),
         "date": datetime.date.today().isoformat(),
-        "command": " ".join(["alexnet", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("alexnet") else " ".join(sys.argv),
+        "command": command,
     }
 
 
@@ -277,7 +277,12 @@ class RunDir:
                 previous = yaml.safe_load(config_path.read_text()) or {}
             except yaml.YAMLError:
                 previous = {}
-            if previous.get("experiment") != experiment or previous.get("settings") != settings:
+            # seeds and variants only choose which runs to do; each run's result does not depend
+            # on them, so a directory can be filled in pieces (--variants a,b then --variants c).
+            def same(a: dict[str, Any]) -> dict[str, Any]:
+                return {k: v for k, v in (a or {}).items() if k not in ("seeds", "variants")}
+
+            if previous.get("experiment") != experiment or same(previous.get("settings")) != same(settings):
                 raise AlexNetError(
                     f"{out} holds a {previous.get('experiment', 'different')} run with other settings; "
                     "use another --out (or the same settings to continue it)"
@@ -849,8 +854,16 @@ def resolve_settings(name: str, reduced: bool, overrides: dict[str, Any]) -> Rel
     return settings
 
 
-def run_experiment(name: str, data: str | Path | None, out: str | Path, settings: ReluTanhSettings | AblationSettings, device: torch.device) -> Path:
-    """Load CIFAR-10, run experiment ``name`` into ``out`` and return the run directory."""
+def run_experiment(
+    name: str,
+    data: str | Path | None,
+    out: str | Path,
+    settings: ReluTanhSettings | AblationSettings,
+    device: torch.device,
+    command: str = "",
+) -> Path:
+    """Load CIFAR-10, run experiment ``name`` into ``out`` and return the run directory.
+    ``command`` is the command line, recorded with the results."""
     from .cifar import default_data_path, load_cifar10
 
     if data is None:
@@ -861,7 +874,7 @@ def run_experiment(name: str, data: str | Path | None, out: str | Path, settings
     train, test = load_cifar10(data)
     log.info("%d training and %d test images of %d classes in memory", len(train), len(test), len(train.classes))
     settings_dict = json.loads(json.dumps(dataclasses.asdict(settings)))  # tuples as lists, as YAML reads them back
-    run = RunDir(Path(out), name, {"data": str(data), **settings_dict}, environment(device))
+    run = RunDir(Path(out), name, {"data": str(data), **settings_dict}, environment(device, command or f"run_experiment({name!r})"))
     try:
         if name == "relu-vs-tanh":
             relu_vs_tanh(train, settings, device, run)
