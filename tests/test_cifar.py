@@ -41,7 +41,12 @@ def _rows(images: np.ndarray) -> np.ndarray:
 
 
 def _batch_dict(images: np.ndarray, labels: list[int]) -> dict:
-    return {b"batch_label": b"testing batch", b"labels": labels, b"data": _rows(images), b"filenames": [b"x.png"] * len(labels)}
+    return {
+        b"batch_label": b"testing batch",
+        b"labels": labels,
+        b"data": _rows(images),
+        b"filenames": [b"x.png"] * len(labels),
+    }
 
 
 def _python_files(protocol: int = 2) -> tuple[dict[str, bytes], np.ndarray, list[int], np.ndarray, list[int]]:
@@ -180,7 +185,9 @@ def test_cifar100_and_missing_batches_are_named(tmp_path: Path) -> None:
 # ImageFolder trees
 
 
-def _write_tree(root: Path, classes: list[str], per_class: dict[str, int], fmt: str = "PNG") -> dict[str, list[np.ndarray]]:
+def _write_tree(
+    root: Path, classes: list[str], per_class: dict[str, int], fmt: str = "PNG"
+) -> dict[str, list[np.ndarray]]:
     """root/<split>/<class>/NNNN.<ext>; returns the arrays written, in file-name order."""
     written: dict[str, list[np.ndarray]] = {}
     ext = "png" if fmt == "PNG" else "jpg"

@@ -155,7 +155,13 @@ def test_ablation_baseline_is_the_paper_layer_pattern_at_cifar_scale() -> None:
     options = ablation_model_options(settings, VARIANTS["baseline"])
     net = create_model("paper", 10, **options)
     assert isinstance(net, PaperAlexNet)
-    assert [net.conv1.out_channels, net.conv2.out_channels, net.conv3.out_channels, net.conv4.out_channels, net.conv5.out_channels] == [48, 128, 192, 192, 128]
+    assert [
+        net.conv1.out_channels,
+        net.conv2.out_channels,
+        net.conv3.out_channels,
+        net.conv4.out_channels,
+        net.conv5.out_channels,
+    ] == [48, 128, 192, 192, 128]
     assert net.conv2.groups == net.conv4.groups == net.conv5.groups == 2 and net.conv3.groups == 1
     assert net.feature_shape == (128, 2, 2)  # 28 -> conv1 28 -> pools 13, 6, 2
     assert options["lrn"] == "paper" and options["pooling"] == "overlap" and options["dropout"] == 0.5
@@ -202,7 +208,9 @@ def test_resolve_settings_reduced_overrides_and_mistakes() -> None:
 # end to end, reduced
 
 
-def test_relu_vs_tanh_reduced_writes_a_complete_run(cifar_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_relu_vs_tanh_reduced_writes_a_complete_run(
+    cifar_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "rt"
     argv = ["experiment", "relu-vs-tanh", "--data", str(cifar_tree), "--reduced", "--out", str(out), "--device", "cpu"]
     assert main(argv) == 0
@@ -219,7 +227,14 @@ def test_relu_vs_tanh_reduced_writes_a_complete_run(cifar_tree: Path, tmp_path: 
         a = summary["activations"][act]
         assert a["lr"] in (0.01, 0.1) and a["runs"] == 1 and len(summary["sweep"][act]) == 2
     runs = {p.stem for p in (out / "runs").glob("*.json")}
-    assert runs == {"sweep-relu-lr0.01", "sweep-relu-lr0.1", "sweep-tanh-lr0.01", "sweep-tanh-lr0.1", "relu-seed0", "tanh-seed0"}
+    assert runs == {
+        "sweep-relu-lr0.01",
+        "sweep-relu-lr0.1",
+        "sweep-tanh-lr0.01",
+        "sweep-tanh-lr0.1",
+        "relu-seed0",
+        "tanh-seed0",
+    }
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["run"] for r in rows} == runs
     assert all(0.0 <= r["train_error"] <= 1.0 and r["epoch"] > 0 for r in rows)
@@ -227,7 +242,9 @@ def test_relu_vs_tanh_reduced_writes_a_complete_run(cifar_tree: Path, tmp_path: 
         assert img.format == "PNG" and img.width > 300
 
 
-def test_ablations_reduced_table_seeds_and_rerun(cifar_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_ablations_reduced_table_seeds_and_rerun(
+    cifar_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "ab"
     argv = ["experiment", "ablations", "--data", str(cifar_tree), "--reduced", "--seeds", "2"]
     argv += ["--variants", "baseline,no-lrn", "--out", str(out), "--device", "cpu"]
@@ -262,7 +279,9 @@ def test_ablations_reduced_table_seeds_and_rerun(cifar_tree: Path, tmp_path: Pat
     assert "holds a ablations run with other settings" in capsys.readouterr().err
 
 
-def test_experiment_without_data_is_a_clean_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_experiment_without_data_is_a_clean_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)  # no ../shared/data here
     assert main(["experiment", "ablations", "--reduced", "--device", "cpu"]) == 2
     err = capsys.readouterr().err

@@ -67,7 +67,7 @@ class ArraySplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, n: int, seed: int = 0) -> "ArraySplit":
+    def subset(self, n: int, seed: int = 0) -> ArraySplit:
         """``n`` images, the same number from each class (as far as n allows), in a fixed
         shuffled order; all of them if n is 0 or at least the split's size."""
         if n <= 0 or n >= len(self):
@@ -124,7 +124,9 @@ class BatchUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing global {module}.{name}: a CIFAR batch holds only arrays and lists") from None
+            raise pickle.UnpicklingError(
+                f"refusing global {module}.{name}: a CIFAR batch holds only arrays and lists"
+            ) from None
 
 
 def _load_pickle(raw: bytes, what: str) -> dict[str, Any]:
@@ -145,11 +147,18 @@ def _parse_batch(raw: bytes, what: str) -> tuple[np.ndarray, np.ndarray]:
     data, labels = d.get("data"), d.get("labels")
     if labels is None and "fine_labels" in d:
         raise AlexNetError(f"{what} is a CIFAR-100 batch; only CIFAR-10 is supported")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE**2:
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3 * IMAGE_SIZE**2
+    ):
         found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise AlexNetError(f"{what}: 'data' should be a uint8 array (N, 3072); found {found}")
     if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
-        raise AlexNetError(f"{what}: 'labels' should list one class per image ({len(data)}); found {type(labels).__name__}")
+        raise AlexNetError(
+            f"{what}: 'labels' should list one class per image ({len(data)}); found {type(labels).__name__}"
+        )
     if not all(isinstance(y, (int, np.integer)) and not isinstance(y, bool) for y in labels):
         raise AlexNetError(f"{what}: 'labels' should be integers")
     labels = np.asarray(labels, dtype=np.int64)
@@ -166,11 +175,13 @@ def _parse_meta(raw: bytes, what: str) -> list[str]:
     return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
 
 
-def _from_batches(files: dict[str, bytes], where: str) -> tuple["ArraySplit", "ArraySplit"]:
+def _from_batches(files: dict[str, bytes], where: str) -> tuple[ArraySplit, ArraySplit]:
     missing = [n for n in (*TRAIN_BATCHES, TEST_BATCH) if n not in files]
     if missing:
         raise AlexNetError(f"{where} lacks CIFAR-10 batch(es) {', '.join(missing)}")
-    classes = _parse_meta(files["batches.meta"], f"{where}: batches.meta") if "batches.meta" in files else CIFAR10_CLASSES
+    classes = (
+        _parse_meta(files["batches.meta"], f"{where}: batches.meta") if "batches.meta" in files else CIFAR10_CLASSES
+    )
     parts = [_parse_batch(files[n], f"{where}: {n}") for n in TRAIN_BATCHES]
     test = _parse_batch(files[TEST_BATCH], f"{where}: {TEST_BATCH}")
 
@@ -192,7 +203,9 @@ def _decode(source: str | io.BytesIO) -> np.ndarray:
 
 def _stack(arrays: list[np.ndarray], labels: list[int], classes: list[str]) -> ArraySplit:
     if not arrays:
-        return ArraySplit(torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), torch.empty(0, dtype=torch.long), classes)
+        return ArraySplit(
+            torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), torch.empty(0, dtype=torch.long), classes
+        )
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return ArraySplit(images, torch.tensor(labels, dtype=torch.long), classes)
 
@@ -289,7 +302,11 @@ def load_cifar10(path: str | Path) -> tuple[ArraySplit, ArraySplit]:
     if path.is_dir():
         for folder in (path, path / "cifar-10-batches-py"):
             if (folder / TRAIN_BATCHES[0]).is_file():
-                files = {p.name: p.read_bytes() for p in folder.iterdir() if p.name in (*TRAIN_BATCHES, TEST_BATCH, "batches.meta")}
+                files = {
+                    p.name: p.read_bytes()
+                    for p in folder.iterdir()
+                    if p.name in (*TRAIN_BATCHES, TEST_BATCH, "batches.meta")
+                }
                 train, test = _from_batches(files, str(folder))
                 break
         else:
