@@ -288,3 +288,16 @@ def test_experiment_without_data_is_a_clean_error(
     assert err.startswith("alexnet: error: no --data given") and "Traceback" not in err
     assert main(["experiment", "relu-vs-tanh", "--data", str(tmp_path / "missing"), "--device", "cpu"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_cuda_matches_the_cpu_schedule() -> None:
+    # The same recipe on the GPU: data, generator and batches live on the device.
+    train = _split(32)
+    recipe = Recipe(epochs=2, lr=0.01, batch_size=8, flip=True, lighting_std=0.1)
+    pre = make_pre(split_stats(train), recipe).to("cuda")
+    torch.manual_seed(0)
+    result = fit(Figure1Net("relu", 2).cuda(), train, pre, recipe, seed=0, device=torch.device("cuda"))
+    assert [r["epoch"] for r in result.rows] == [1.0, 2.0] and not result.diverged
+    assert result.images == 128

@@ -844,7 +844,10 @@ def _plot_ablations(summary: dict[str, Any], path: Path) -> None:
             ax.plot(100 * e, y, "k.", markersize=3)
     ax.set_yticks(list(ys), [r["variant"] for r in rows])
     ax.invert_yaxis()
-    ax.set_xlabel("test top-1 error (%), centre patch; bar = mean, line = std, dots = seeds")
+    if rows[0]["variant"] == "baseline":
+        ax.axvline(means[0], color="#555555", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("test top-1 error (%), centre patch")
+    ax.set_title("bars: mean over seeds, lines: std, dots: single seeds", fontsize=8)
     lo = min(100 * min(r["test_top1_errors"]) for r in rows)
     ax.set_xlim(max(0.0, lo - 5), None)
     fig.tight_layout()
