@@ -1,11 +1,12 @@
 """``alexnet train | evaluate | predict | prepare | bench | import-weights | features | retrieve | visualize |
-export | serve | make-dataset | config``: argument parsing and dispatch only."""
+export | serve | experiment | make-dataset | config``: argument parsing and dispatch only."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -162,6 +163,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="print the resolved configuration as YAML")
     _config_args(c)
+
+    x = sub.add_parser(
+        "experiment",
+        help="the paper's claims on CIFAR-10: relu-vs-tanh (Figure 1) or ablations",
+        description="Reproduce Figure 1 (relu-vs-tanh) or the architecture ablations (ablations) on CIFAR-10. "
+        "Unset options take the full-size defaults, or the --reduced ones.",
+    )
+    x.add_argument("name", choices=("relu-vs-tanh", "ablations"))
+    x.add_argument(
+        "--data",
+        help="CIFAR-10: an ImageFolder tree (train/, test/), its .tar.gz, or cifar-10-python.tar.gz "
+        "(default: ../shared/data/cifar10-jpeg.tar.gz if present)",
+    )
+    x.add_argument("--out", help="run directory (default: runs/<name>-<time>); an existing one with the same settings is continued")
+    x.add_argument("--reduced", action="store_true", help="a quick check: 500 training images, 1-3 epochs, small nets")
+    x.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    x.add_argument("--epochs", type=int, help="epochs per run (relu-vs-tanh: the most a final run may take)")
+    x.add_argument("--subset", type=int, help="training images, balanced over classes (0: all)")
+    x.add_argument("--seeds", type=int, help="runs per activation or variant")
+    x.add_argument("--batch-size", type=int)
+    x.add_argument("--lrs", help="relu-vs-tanh: comma-separated learning rates to sweep")
+    x.add_argument("--sweep-epochs", type=int, help="relu-vs-tanh: epochs per learning-rate trial")
+    x.add_argument("--test-subset", type=int, help="ablations: test images (0: all 10,000)")
+    x.add_argument("--variants", help="ablations: comma-separated variants (default: all)")
+    x.add_argument("--width", type=float, help="ablations: conv width relative to the paper's 96-256-384-384-256")
+    x.add_argument("--fc-width", type=int, help="ablations: fc6 and fc7 units")
+    x.add_argument("--lr", type=float, help="ablations: learning rate")
     return parser
 
 
@@ -476,6 +504,40 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _comma_list(text: str | None, convert: type, flag: str) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        return tuple(convert(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise AlexNetError(f"{flag} expects a comma-separated list, e.g. {flag} 0.01,0.03; got {text!r}") from None
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments import resolve_settings, run_experiment
+    from .train import resolve_device
+
+    overrides = {
+        "epochs": args.epochs,
+        "subset": args.subset,
+        "seeds": args.seeds,
+        "batch_size": args.batch_size,
+        "lrs": _comma_list(args.lrs, float, "--lrs"),
+        "sweep_epochs": args.sweep_epochs,
+        "test_subset": args.test_subset,
+        "variants": _comma_list(args.variants, str, "--variants"),
+        "width": args.width,
+        "fc_width": args.fc_width,
+        "lr": args.lr,
+    }
+    settings = resolve_settings(args.name, args.reduced, overrides)
+    out = args.out or str(Path("runs") / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = run_experiment(args.name, args.data, out, settings, resolve_device(args.device), args.command_line)
+    print((run_dir / "summary.md").read_text(), end="")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
@@ -490,11 +552,13 @@ COMMANDS = {
     "serve": cmd_serve,
     "make-dataset": cmd_make_dataset,
     "config": cmd_config,
+    "experiment": cmd_experiment,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["alexnet", *(sys.argv[1:] if argv is None else argv)])  # recorded with results
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("alexnet").setLevel(logging.INFO)
     try:
