@@ -151,10 +151,13 @@ def test_split_tower_conv_by_hand() -> None:
 # Options
 
 
-def test_auto_options_on_the_cpu() -> None:
-    assert resolve_options(SpeedConfig(), CPU) == StepOptions("off", True, False, "grouped")
-    explicit = SpeedConfig(amp="bf16", channels_last="off", compile="off", tower_convs="split")
-    assert resolve_options(explicit, CPU) == StepOptions("bf16", False, False, "split")
+def test_auto_options_on_the_cpu(monkeypatch) -> None:
+    monkeypatch.setattr(step_mod, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    assert resolve_options(SpeedConfig(), CPU) == StepOptions("bf16", True, False, "grouped", flush_denormal=True)
+    monkeypatch.setattr(step_mod, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))  # bf16 without AMX tiles
+    assert resolve_options(SpeedConfig(), CPU) == StepOptions("off", True, False, "grouped", flush_denormal=True)
+    explicit = SpeedConfig(amp="bf16", channels_last="off", compile="off", tower_convs="split", flush_denormal="off")
+    assert resolve_options(explicit, CPU) == StepOptions("bf16", False, False, "split", flush_denormal=False)
 
 
 def test_option_errors(monkeypatch) -> None:
@@ -165,6 +168,19 @@ def test_option_errors(monkeypatch) -> None:
         resolve_options(SpeedConfig(compile="on"), CPU)
     with pytest.raises(AlexNetError, match="speed.amp must be one of auto, bf16, fp16, off; got 'fp8'"):
         config_lib.resolve(None, {"speed.amp": "fp8"})
+
+
+def test_flush_denormal_zeroes_denormals_on_the_cpu() -> None:
+    tiny = torch.tensor([1e-39])  # below float32's smallest normal, 1.18e-38
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        model = _model()
+        TrainStep(model, PaperSGD(model.parameters()), _pre(), StepOptions("off", False, False, "grouped", True), CPU)
+        assert (tiny * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+    assert (tiny * 1.0).item() == pytest.approx(1e-39, rel=1e-2)
 
 
 def test_switches_read_from_yaml_and_command_line() -> None:

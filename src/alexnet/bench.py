@@ -47,7 +47,7 @@ from .config import SpeedConfig
 from .data import Batch, EpochBatchSampler, cache_dir, resolve_workers
 from .errors import AlexNetError
 from .model import build_model, count_parameters, model_config
-from .step import StepOptions, TrainStep, resolve_options
+from .step import StepOptions, TrainStep, cpu_flags, resolve_options
 from .store import StoreLoader, is_store, open_store
 from .train import PaperSGD, param_groups, resolve_device
 
@@ -85,13 +85,12 @@ def cpu_peak(dtype: str) -> tuple[float, str]:
     AVX2. bf16: AMX tiles do 1024 bf16 FLOPs per cycle (16x AVX-512 float32), AVX512-BF16
     doubles float32. Clock from /proc/cpuinfo (the nominal, not the turbo, frequency).
     """
-    flags, mhz = set(), 0.0
+    flags, mhz = cpu_flags(), 0.0
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            if line.startswith("cpu MHz") and not mhz:
+            if line.startswith("cpu MHz"):
                 mhz = float(line.split(":", 1)[1])
+                break
     except (OSError, ValueError):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

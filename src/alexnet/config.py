@@ -70,6 +70,7 @@ class SpeedConfig:
     channels_last: str | bool = "auto"  # auto | on | off: NHWC memory layout for model and input
     compile: str | bool = "auto"  # auto | on | off: torch.compile the model and the optimizer step
     tower_convs: str = "auto"  # auto | grouped | split: the paper net's two-tower convolutions
+    flush_denormal: str | bool = "auto"  # auto | on | off: denormal floats as zero on the CPU
 
     def __post_init__(self) -> None:
         for key, allowed in (
@@ -77,6 +78,7 @@ class SpeedConfig:
             ("channels_last", SWITCH),
             ("compile", SWITCH),
             ("tower_convs", ("auto", "grouped", "split")),
+            ("flush_denormal", SWITCH),
         ):
             value = getattr(self, key)
             value = _SWITCH_WORDS.get(value.lower() if isinstance(value, str) else value, value)

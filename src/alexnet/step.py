@@ -10,13 +10,23 @@ The switches of ``speed`` (config.SpeedConfig) change how the step is computed, 
   step, whose foreach updates then fuse into a few kernels.
 * ``tower_convs``: the paper net's two-tower convolutions as grouped convolutions or as
   two convolutions per layer (model.TowerConv2d); same parameters, same function.
+* ``flush_denormal``: on the CPU, treat denormal floats (below 1.2e-38) as zero
+  (torch.set_flush_denormal, for the whole process). Arithmetic on denormals is
+  microcoded and about 100x slower; some oneDNN paths produce them during training. On
+  the shapes preset (measured 2026-11-23, 2-core development CPU) the second epoch fell
+  from 607 to 115 images/s with channels_last and float32, and bf16 ran at 79-116
+  instead of 636 images/s, without it. TensorFlow flushes denormals by default too.
 
 "auto" resolves per device. On CUDA: bf16 (fp16 before compute capability 8.0),
-channels_last, compiled, grouped tower convolutions until `alexnet bench` on the GPU
-says otherwise (its ``towers`` section measures both). On the CPU: float32, channels_last
-and grouped convolutions, eager. Measured on the 2-core development CPU (Xeon with AMX,
-torch 2.14.1, 2026-11-23; benchmarks/RESULTS.md); the numbers and the reasons for each
-default are recorded there.
+channels_last, compiled, grouped tower convolutions (not yet measured against split on a
+GPU: `alexnet bench` times both; benchmarks/RESULTS.md). On the CPU: channels_last,
+grouped, eager, and bf16 where the CPU has AMX-BF16 tiles (float32 otherwise). Measured
+on the 2-core development CPU (Xeon with AMX, torch 2.14.1, 2026-11-23), paired with the
+reference step in the same round: torchvision's network in our step, batch 64, ran
+1.01x the reference in float32 NCHW, 1.10x with channels_last, 1.91x with bf16 and
+channels_last; the shapes preset's small net 1.13x with bf16 and channels_last over
+float32 NCHW. torch.compile is off on the CPU: it costs minutes of compilation per run
+on two cores, for a step dominated by oneDNN convolutions it does not replace.
 
 Nothing in the step reads a value back to the host: the loss and the count of errors
 come back as device tensors, summed by the caller. The one exception is fp16, whose
@@ -26,8 +36,11 @@ GradScaler checks for inf/NaN gradients on the host once per step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,9 +64,10 @@ class StepOptions:
     channels_last: bool
     compile: bool
     tower_convs: str  # "grouped" | "split"
+    flush_denormal: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"amp": self.amp, "channels_last": self.channels_last, "compile": self.compile, "tower_convs": self.tower_convs}
+        return dataclasses.asdict(self)
 
 
 def compile_available() -> bool:
@@ -72,11 +86,27 @@ def compile_available() -> bool:
     return shutil.which("c++") is not None or shutil.which("g++") is not None or shutil.which("cl") is not None
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def resolve_options(cfg: SpeedConfig, device: torch.device) -> StepOptions:
     cuda = device.type == "cuda"
     amp = cfg.amp
     if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
+        if cuda:
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            # AMX tiles multiply bf16 matrices; without them bf16 is emulated and slower than float32.
+            amp = "bf16" if "amx_bf16" in cpu_flags() else "off"
     if amp == "fp16" and not cuda:
         raise AlexNetError("speed.amp=fp16 needs a CUDA device (loss scaling); use bf16 or off on the CPU")
     if amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -86,7 +116,8 @@ def resolve_options(cfg: SpeedConfig, device: torch.device) -> StepOptions:
     if cfg.compile == "on" and not compile_available():
         raise AlexNetError("speed.compile=on needs torch.compile's backend (Triton on CUDA, a C++ compiler on CPU)")
     tower_convs = "grouped" if cfg.tower_convs == "auto" else cfg.tower_convs
-    return StepOptions(amp, channels_last, compile_, tower_convs)
+    flush = cfg.flush_denormal == "on" or (cfg.flush_denormal == "auto" and not cuda)
+    return StepOptions(amp, channels_last, compile_, tower_convs, flush)
 
 
 class TrainStep:
@@ -116,6 +147,8 @@ class TrainStep:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if options.amp == "fp16" else None
+        if options.flush_denormal and not torch.set_flush_denormal(True):
+            log.warning("this CPU cannot flush denormal floats to zero; training may slow down when they appear")
         self.forward = torch.compile(model) if options.compile else model
         self.update = torch.compile(optimizer.step) if options.compile and self.scaler is None else optimizer.step
 
