@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--models", default="paper,torchvision")
     parser.add_argument("--amp", default="off,bf16")
     parser.add_argument("--compile", action="store_true", help="also the compiled variants (slow to build on a CPU)")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode for the compiled variants")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -49,7 +50,7 @@ def main() -> None:
     for name in args.models.split(","):
         towers = ("grouped", "split") if name == "paper" else ("grouped",)
         for amp, cl, tw, comp in itertools.product(args.amp.split(","), (False, True), towers, (False, True) if args.compile else (False,)):
-            options = StepOptions(amp, cl, comp, tw)
+            options = StepOptions(amp, cl, comp, tw, flush_denormal=device.type == "cpu", compile_mode=args.compile_mode)
             step = _our_step(name, classes, bc, options, pre, device)
             x = torch.randn(b, 3, crop, crop, device=device).contiguous(memory_format=step.memory_format)
             y = torch.randint(0, classes, (b,), device=device)

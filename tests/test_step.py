@@ -153,9 +153,10 @@ def test_split_tower_conv_by_hand() -> None:
 
 def test_auto_options_on_the_cpu(monkeypatch) -> None:
     monkeypatch.setattr(step_mod, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
-    assert resolve_options(SpeedConfig(), CPU) == StepOptions("bf16", True, False, "grouped", flush_denormal=True)
+    assert resolve_options(SpeedConfig(), CPU) == StepOptions("bf16", False, False, "grouped", flush_denormal=True)
+    assert resolve_options(SpeedConfig(), CPU, "torchvision").channels_last
     monkeypatch.setattr(step_mod, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))  # bf16 without AMX tiles
-    assert resolve_options(SpeedConfig(), CPU) == StepOptions("off", True, False, "grouped", flush_denormal=True)
+    assert resolve_options(SpeedConfig(), CPU) == StepOptions("off", False, False, "grouped", flush_denormal=True)
     explicit = SpeedConfig(amp="bf16", channels_last="off", compile="off", tower_convs="split", flush_denormal="off")
     assert resolve_options(explicit, CPU) == StepOptions("bf16", False, False, "split", flush_denormal=False)
 
@@ -192,8 +193,10 @@ def test_switches_read_from_yaml_and_command_line() -> None:
 
 @pytest.mark.slow
 def test_compiled_step_matches_eager() -> None:
+    """Without dropout: compiled dropout draws its masks from Inductor's own generator."""
     pre, batches = _pre(), [_batch(seed=s) for s in range(2)]
     eager, compiled = _model(), _model()
+    eager.dropout.p = compiled.dropout.p = 0.0
     a, _ = _our_steps(eager, pre, batches, StepOptions("off", True, False, "grouped"))
     b, _ = _our_steps(compiled, pre, batches, StepOptions("off", True, True, "grouped"))
     assert b == pytest.approx(a, rel=1e-4)

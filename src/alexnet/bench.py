@@ -443,7 +443,7 @@ def run_bench(bc: BenchConfig) -> dict[str, Any]:
     pre = make_preprocess(
         "mean-image", bc.image_size, bc.crop_size, stats.mean_image, stats.pixel_std, stats.eigvals, stats.eigvecs
     ).to(device)
-    options = resolve_options(bc.speed, device)
+    options = resolve_options(bc.speed, device, bc.model)
     log.info("device %s; our step: %s", device, options.as_dict())
     results: dict[str, Measurement] = {}
 
@@ -466,7 +466,8 @@ def run_bench(bc: BenchConfig) -> dict[str, Any]:
         other = "split" if options.tower_convs == "grouped" else "grouped"
         variants.append((f"ours_step_towers_{other}", "paper", f"ours: step, {other} towers", replace(options, tower_convs=other)))
     if bc.model != "torchvision":
-        variants.append(("ours_step_torchvision_arch", "torchvision", "ours: step, torchvision's network", options))
+        tv_options = resolve_options(bc.speed, device, "torchvision")
+        variants.append(("ours_step_torchvision_arch", "torchvision", "ours: step, torchvision's network", tv_options))
     for key, name, label, opts in variants:
         variant = _our_step(name, classes, bc, opts, pre, device)
         results[key] = measure_model_step(name, label, variant, bc, bc.batch_size, classes, device, opts, bc.peak_tflops)

@@ -291,9 +291,10 @@ class StoreLoader:
 
     Indices come from an :class:`EpochBatchSampler`, so order, resume (``start_batch``)
     and sharding are those of the folder loader. ``threads`` background threads each
-    gather whole batches (``prefetch`` batches ahead, at least one per thread). On CUDA a batch is gathered into
-    pinned memory and copied on a side stream, so the copy of batch k+1 runs while the
-    model computes batch k; the consumer's stream waits on an event, never the host.
+    gather whole batches, ``prefetch`` batches ahead (at least one per thread). On CUDA
+    a batch is gathered into pinned memory and copied on a side stream, so the copy of
+    batch k+1 runs while the model computes batch k; the consumer's stream waits on an
+    event, never the host.
     Images arrive as (B, 3, S, S) views of HWC memory, which is the channels-last layout.
     """
 

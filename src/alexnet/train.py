@@ -249,7 +249,7 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path) -> Path:
         start_epoch, step, best = state["epoch"], state["step"], state["best_val_top1_error"]
         log.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, step)
     _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
-    options = resolve_options(cfg.speed, device)
+    options = resolve_options(cfg.speed, device, cfg.model.name)
     log.info("training step: %s", ", ".join(f"{k} {v}" for k, v in options.as_dict().items()))
     step_fn = TrainStep(model, optimizer, pre, options, device, flip=cfg.data.flip, lighting_std=cfg.data.lighting_std)
 
