@@ -225,7 +225,7 @@ def test_save_then_load_round_trip(tmp_path: Path) -> None:
     assert from_dict(yaml.safe_load(path.read_text()), str(path)) == cfg
     # The saved file is complete: every section and key, in declaration order.
     saved = yaml.safe_load(path.read_text())
-    assert list(saved) == ["data", "model", "optim", "run"]
+    assert list(saved) == ["data", "model", "optim", "run", "speed"]
     for name, section in config.SECTIONS.items():
         assert list(saved[name]) == [f.name for f in dataclasses.fields(section)]
 
