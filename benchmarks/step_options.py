@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from alexnet.augment import make_preprocess
-from alexnet.bench import _our_step, BenchConfig, _sync
+from alexnet.bench import BenchConfig, our_step, sync
 from alexnet.step import StepOptions
 from alexnet.train import resolve_device
 
@@ -51,7 +51,7 @@ def main() -> None:
         towers = ("grouped", "split") if name == "paper" else ("grouped",)
         for amp, cl, tw, comp in itertools.product(args.amp.split(","), (False, True), towers, (False, True) if args.compile else (False,)):
             options = StepOptions(amp, cl, comp, tw, flush_denormal=device.type == "cpu", compile_mode=args.compile_mode)
-            step = _our_step(name, classes, bc, options, pre, device)
+            step = our_step(name, classes, bc, options, pre, device)
             x = torch.randn(b, 3, crop, crop, device=device).contiguous(memory_format=step.memory_format)
             y = torch.randint(0, classes, (b,), device=device)
             step.model_step(x, y)  # warm-up (and compilation)
@@ -77,10 +77,10 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
         for key, run in runs.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             run()
-            _sync(device)
+            sync(device)
             times[key].append(b / (time.perf_counter() - start))
     result = {
         "device": str(device),

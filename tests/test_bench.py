@@ -119,5 +119,8 @@ def test_bench_refuses_a_store_as_source(tmp_path: Path, capsys) -> None:
     (tmp_path / "store.json").write_text("{}")
     assert main(["bench", "--data", str(tmp_path), "--no-progress"]) == 2
     assert "give the store with --store" in capsys.readouterr().err
+    (tmp_path / "ilsvrc").mkdir()
+    assert main(["bench", "--data", str(tmp_path / "ilsvrc"), "--no-progress"]) == 2
+    assert "reads an ImageFolder tree" in capsys.readouterr().err
     assert main(["bench", "--set", "optim.lr=0.1"]) == 2
     assert main(["bench", "--source-size", "500"]) == 2

@@ -162,7 +162,8 @@ def make_bench_images(
 # Timing
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timing brackets); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -171,11 +172,11 @@ def timed(run: Callable[[], Any], steps: int, warmup: int, device: torch.device)
     """Seconds for ``steps`` calls of run after ``warmup`` calls, synchronised at both ends."""
     for _ in range(warmup):
         run()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         run()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -286,7 +287,8 @@ def _our_model(name: str, classes: int, crop: int, device: torch.device) -> torc
     return build_model(model_config(name, classes, input_size=crop)).to(device)
 
 
-def _our_step(name: str, classes: int, bc: BenchConfig, options: StepOptions, pre: Any, device: torch.device) -> TrainStep:
+def our_step(name: str, classes: int, bc: BenchConfig, options: StepOptions, pre: Any, device: torch.device) -> TrainStep:
+    """This project's training step for network ``name`` (seeded weights, the paper's optimiser)."""
     model = _our_model(name, classes, bc.crop_size, device)
     optimizer = PaperSGD(param_groups(model, 5e-4, True), lr=0.01, momentum=0.9)
     return TrainStep(model, optimizer, pre, options, device)
@@ -430,6 +432,8 @@ def run_bench(bc: BenchConfig) -> dict[str, Any]:
     else:
         w, h = bc.source_size
         root = make_bench_images(cache_dir() / f"bench-{bc.images}-{w}x{h}", bc.images, size=(w, h), workers=workers)
+    if bc.baseline and not (root / "train").is_dir():
+        raise AlexNetError(f"the reference pipeline reads an ImageFolder tree ({root}/train/<class>/); use --no-baseline")
     store_path = Path(bc.store) if bc.store else root.with_name(root.name + f".store{bc.image_size}")
 
     from .prepare import prepare
@@ -450,7 +454,7 @@ def run_bench(bc: BenchConfig) -> dict[str, Any]:
     results["ours_data"] = _ours_data(split, pre, bc, device)
     log.info("ours data path: %.1f images/s", results["ours_data"].images_per_s)
 
-    step = _our_step(bc.model, classes, bc, options, pre, device)
+    step = our_step(bc.model, classes, bc, options, pre, device)
     by_batch = []
     for batch_size in sorted({bc.batch_size, *bc.batch_sizes}):
         m = measure_model_step(bc.model, "ours: step", step, bc, batch_size, classes, device, options, bc.peak_tflops)
@@ -469,7 +473,7 @@ def run_bench(bc: BenchConfig) -> dict[str, Any]:
         tv_options = resolve_options(bc.speed, device, "torchvision")
         variants.append(("ours_step_torchvision_arch", "torchvision", "ours: step, torchvision's network", tv_options))
     for key, name, label, opts in variants:
-        variant = _our_step(name, classes, bc, opts, pre, device)
+        variant = our_step(name, classes, bc, opts, pre, device)
         results[key] = measure_model_step(name, label, variant, bc, bc.batch_size, classes, device, opts, bc.peak_tflops)
         log.info("%s: %.1f images/s", label, results[key].images_per_s)
 
