@@ -14,7 +14,9 @@ import torch
 
 from alexnet import bench
 from alexnet.cli import main
+from alexnet.config import SpeedConfig
 from alexnet.model import create_model
+from alexnet.step import resolve_options
 
 
 def test_tiny_bench_writes_all_fields(tmp_path: Path, capsys) -> None:
@@ -49,7 +51,7 @@ def test_tiny_bench_writes_all_fields(tmp_path: Path, capsys) -> None:
     assert set(result["targets"]) >= {"end_to_end_at_least_10x_reference", "best_step_mfu_at_least_25pct", "end_to_end_within_15pct_of_step"}
     env = result["environment"]
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["date"]
-    assert result["options"] == {"amp": "off", "channels_last": True, "compile": False, "tower_convs": "grouped"}
+    assert result["options"] == resolve_options(SpeedConfig(), torch.device("cpu")).as_dict()
 
 
 def test_flops_of_torchvision_alexnet_match_its_published_count() -> None:
@@ -117,5 +119,8 @@ def test_bench_refuses_a_store_as_source(tmp_path: Path, capsys) -> None:
     (tmp_path / "store.json").write_text("{}")
     assert main(["bench", "--data", str(tmp_path), "--no-progress"]) == 2
     assert "give the store with --store" in capsys.readouterr().err
+    (tmp_path / "ilsvrc").mkdir()
+    assert main(["bench", "--data", str(tmp_path / "ilsvrc"), "--no-progress"]) == 2
+    assert "reads an ImageFolder tree" in capsys.readouterr().err
     assert main(["bench", "--set", "optim.lr=0.1"]) == 2
     assert main(["bench", "--source-size", "500"]) == 2

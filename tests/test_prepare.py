@@ -19,21 +19,12 @@ from alexnet.data import compute_stats, load_image, scan_image_folder
 from alexnet.errors import AlexNetError
 from alexnet.prepare import prepare
 
-
-def make_tree(root: Path, make_jpeg, train: int = 5, val: int = 2, classes: tuple[str, ...] = ("ant", "bee", "cat")) -> Path:
-    """root/{train,val}/<class>/<i>.jpg of random pixels and mixed shapes (landscape and portrait)."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("val", val)):
-        for c in classes:
-            for i in range(n):
-                h, w = (20, 30) if i % 2 else (34, 22)
-                make_jpeg(root / split / c / f"{i}.jpg", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    return root
+from conftest import write_tree
 
 
 @pytest.fixture
-def tree(tmp_path: Path, make_jpeg) -> Path:
-    return make_tree(tmp_path / "src", make_jpeg)
+def tree(tmp_path: Path) -> Path:
+    return write_tree(tmp_path / "src")
 
 
 def test_store_holds_load_image_pixels_labels_and_classes(tree: Path, tmp_path: Path) -> None:
@@ -61,7 +52,7 @@ def test_statistics_equal_compute_stats_on_the_folder(tree: Path, tmp_path: Path
         torch.testing.assert_close(getattr(ours, key), getattr(reference, key), rtol=1e-6, atol=1e-6)
 
 
-def test_unreadable_images_are_listed_and_left_out_not_zero_filled(tree: Path, tmp_path: Path, make_jpeg) -> None:
+def test_unreadable_images_are_listed_and_left_out_not_zero_filled(tree: Path, tmp_path: Path) -> None:
     (tree / "train" / "bee" / "empty.jpg").write_bytes(b"")
     (tree / "train" / "cat" / "text.jpg").write_text("not an image")
     report = prepare(tree, tmp_path / "store", image_size=16, workers=0, chunk_size=4, progress=False)
@@ -184,7 +175,7 @@ def test_source_errors(tmp_path: Path, make_jpeg) -> None:
     make_jpeg(tmp_path / "only-train" / "train" / "a" / "0.jpg")
     with pytest.raises(AlexNetError, match="must hold train"):
         prepare(tmp_path / "only-train", tmp_path / "store", workers=0, progress=False)
-    make_tree(tmp_path / "bad", make_jpeg, train=1, val=1, classes=("a",))
+    write_tree(tmp_path / "bad", train=1, val=1, classes=("a",))
     for f in (tmp_path / "bad" / "train" / "a").iterdir():
         f.write_bytes(b"broken")
     with pytest.raises(AlexNetError, match="none of the 1 training images"):

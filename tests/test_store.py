@@ -22,15 +22,13 @@ from alexnet.errors import AlexNetError
 from alexnet.prepare import prepare
 from alexnet.store import StoreLoader, open_store, open_training_data, verify_store
 
-from test_prepare import make_tree
+from conftest import write_tree
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> tuple[Path, Path]:
-    from conftest import write_jpeg
-
     root = tmp_path_factory.mktemp("store")
-    tree = make_tree(root / "src", write_jpeg, train=7, val=3)
+    tree = write_tree(root / "src", train=7, val=3)
     prepare(tree, root / "store", image_size=16, workers=0, chunk_size=4, progress=False)
     return tree, root / "store"
 

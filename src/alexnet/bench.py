@@ -47,7 +47,7 @@ from .config import SpeedConfig
 from .data import Batch, EpochBatchSampler, cache_dir, resolve_workers
 from .errors import AlexNetError
 from .model import build_model, count_parameters, model_config
-from .step import StepOptions, TrainStep, resolve_options
+from .step import StepOptions, TrainStep, cpu_flags, resolve_options
 from .store import StoreLoader, is_store, open_store
 from .train import PaperSGD, param_groups, resolve_device
 
@@ -85,13 +85,12 @@ def cpu_peak(dtype: str) -> tuple[float, str]:
     AVX2. bf16: AMX tiles do 1024 bf16 FLOPs per cycle (16x AVX-512 float32), AVX512-BF16
     doubles float32. Clock from /proc/cpuinfo (the nominal, not the turbo, frequency).
     """
-    flags, mhz = set(), 0.0
+    flags, mhz = cpu_flags(), 0.0
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            if line.startswith("cpu MHz") and not mhz:
+            if line.startswith("cpu MHz"):
                 mhz = float(line.split(":", 1)[1])
+                break
     except (OSError, ValueError):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -163,7 +162,8 @@ def make_bench_images(
 # Timing
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timing brackets); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -172,11 +172,11 @@ def timed(run: Callable[[], Any], steps: int, warmup: int, device: torch.device)
     """Seconds for ``steps`` calls of run after ``warmup`` calls, synchronised at both ends."""
     for _ in range(warmup):
         run()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         run()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -287,7 +287,8 @@ def _our_model(name: str, classes: int, crop: int, device: torch.device) -> torc
     return build_model(model_config(name, classes, input_size=crop)).to(device)
 
 
-def _our_step(name: str, classes: int, bc: BenchConfig, options: StepOptions, pre: Any, device: torch.device) -> TrainStep:
+def our_step(name: str, classes: int, bc: BenchConfig, options: StepOptions, pre: Any, device: torch.device) -> TrainStep:
+    """This project's training step for network ``name`` (seeded weights, the paper's optimiser)."""
     model = _our_model(name, classes, bc.crop_size, device)
     optimizer = PaperSGD(param_groups(model, 5e-4, True), lr=0.01, momentum=0.9)
     return TrainStep(model, optimizer, pre, options, device)
@@ -431,6 +432,8 @@ def run_bench(bc: BenchConfig) -> dict[str, Any]:
     else:
         w, h = bc.source_size
         root = make_bench_images(cache_dir() / f"bench-{bc.images}-{w}x{h}", bc.images, size=(w, h), workers=workers)
+    if bc.baseline and not (root / "train").is_dir():
+        raise AlexNetError(f"the reference pipeline reads an ImageFolder tree ({root}/train/<class>/); use --no-baseline")
     store_path = Path(bc.store) if bc.store else root.with_name(root.name + f".store{bc.image_size}")
 
     from .prepare import prepare
@@ -444,14 +447,14 @@ def run_bench(bc: BenchConfig) -> dict[str, Any]:
     pre = make_preprocess(
         "mean-image", bc.image_size, bc.crop_size, stats.mean_image, stats.pixel_std, stats.eigvals, stats.eigvecs
     ).to(device)
-    options = resolve_options(bc.speed, device)
+    options = resolve_options(bc.speed, device, bc.model)
     log.info("device %s; our step: %s", device, options.as_dict())
     results: dict[str, Measurement] = {}
 
     results["ours_data"] = _ours_data(split, pre, bc, device)
     log.info("ours data path: %.1f images/s", results["ours_data"].images_per_s)
 
-    step = _our_step(bc.model, classes, bc, options, pre, device)
+    step = our_step(bc.model, classes, bc, options, pre, device)
     by_batch = []
     for batch_size in sorted({bc.batch_size, *bc.batch_sizes}):
         m = measure_model_step(bc.model, "ours: step", step, bc, batch_size, classes, device, options, bc.peak_tflops)
@@ -467,9 +470,10 @@ def run_bench(bc: BenchConfig) -> dict[str, Any]:
         other = "split" if options.tower_convs == "grouped" else "grouped"
         variants.append((f"ours_step_towers_{other}", "paper", f"ours: step, {other} towers", replace(options, tower_convs=other)))
     if bc.model != "torchvision":
-        variants.append(("ours_step_torchvision_arch", "torchvision", "ours: step, torchvision's network", options))
+        tv_options = resolve_options(bc.speed, device, "torchvision")
+        variants.append(("ours_step_torchvision_arch", "torchvision", "ours: step, torchvision's network", tv_options))
     for key, name, label, opts in variants:
-        variant = _our_step(name, classes, bc, opts, pre, device)
+        variant = our_step(name, classes, bc, opts, pre, device)
         results[key] = measure_model_step(name, label, variant, bc, bc.batch_size, classes, device, opts, bc.peak_tflops)
         log.info("%s: %.1f images/s", label, results[key].images_per_s)
 

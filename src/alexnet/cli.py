@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="SRC DEST", help="an ImageFolder root or a folder of the ILSVRC-2012 archives, and the store folder")
     s.add_argument("--image-size", type=int, default=256, help="side of the stored images (default 256, the paper's)")
     s.add_argument("--workers", type=int, default=-1, help="decoding processes (default: one per core)")
-    s.add_argument("--chunk-size", type=int, default=256, help="images per unit of work and of resume (default 256)")
+    s.add_argument("--chunk-size", type=int, default=64, help="images per unit of work and of resume (default 64)")
     s.add_argument("--verify", action="store_true", help="check every chunk's checksum (reads the whole store)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
 

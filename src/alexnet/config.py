@@ -80,7 +80,9 @@ class SpeedConfig:
     amp: str | bool = "auto"  # auto | bf16 | fp16 | off: autocast dtype (fp16 uses loss scaling)
     channels_last: str | bool = "auto"  # auto | on | off: NHWC memory layout for model and input
     compile: str | bool = "auto"  # auto | on | off: torch.compile the model and the optimizer step
+    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead | max-autotune | ...
     tower_convs: str = "auto"  # auto | grouped | split: the paper net's two-tower convolutions
+    flush_denormal: str | bool = "auto"  # auto | on | off: denormal floats as zero on the CPU
 
     def __post_init__(self) -> None:
         for key, allowed in (
@@ -88,6 +90,8 @@ class SpeedConfig:
             ("channels_last", SWITCH),
             ("compile", SWITCH),
             ("tower_convs", ("auto", "grouped", "split")),
+            ("flush_denormal", SWITCH),
+            ("compile_mode", ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
         ):
             value = getattr(self, key)
             value = _SWITCH_WORDS.get(value.lower() if isinstance(value, str) else value, value)

@@ -5,7 +5,8 @@ Two networks live here, each written out layer by layer:
 * ``"paper"`` -- the network of the paper's Figure 2. The two GPU "towers" are expressed
   as grouped convolutions (conv2, conv4 and conv5 have ``groups=2``; conv3 and the fully
   connected layers see both towers), so one device computes exactly what the two GPUs
-  computed. 60,965,224 parameters for 1000 classes. Local response normalisation uses
+  computed (or, with ``set_tower_convs(model, "split")``, as two convolutions per layer:
+  the same function and parameters, whichever a device runs faster). 60,965,224 parameters for 1000 classes. Local response normalisation uses
   the paper's formula (section 3.3), which differs from Caffe's and from
   ``torch.nn.LocalResponseNorm``; see :class:`LocalResponseNorm`.
 * ``"torchvision"`` -- the single-tower "one weird trick" network (Krizhevsky 2014) that

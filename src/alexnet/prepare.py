@@ -260,7 +260,7 @@ def prepare(
     *,
     image_size: int = 256,
     workers: int = -1,
-    chunk_size: int = 256,
+    chunk_size: int = 64,
     progress: bool = True,
 ) -> PrepareReport:
     """Write (or finish writing) the store of ``src`` at ``dest``; see the module docstring."""

@@ -7,16 +7,36 @@ The switches of ``speed`` (config.SpeedConfig) change how the step is computed, 
 * ``channels_last``: NHWC memory for weights and input. The augmented batch is already
   NHWC (augment.py gathers HWC patches), so "off" costs an explicit transpose.
 * ``compile``: ``torch.compile`` of the model (forward and backward) and of the optimizer
-  step, whose foreach updates then fuse into a few kernels.
+  step, whose foreach updates then fuse into a few kernels. Compiled dropout draws its
+  masks from Inductor's generator (seeded from torch's): a compiled run is reproducible,
+  but its masks are not those of an eager run.
 * ``tower_convs``: the paper net's two-tower convolutions as grouped convolutions or as
   two convolutions per layer (model.TowerConv2d); same parameters, same function.
+* ``flush_denormal``: on the CPU, treat denormal floats (below 1.2e-38) as zero
+  (torch.set_flush_denormal, for the whole process). Arithmetic on denormals is
+  microcoded and about 100x slower; some oneDNN paths produce them during training. On
+  the shapes preset (measured 2026-11-23, 2-core development CPU) the second epoch fell
+  from 607 to 115 images/s with channels_last and float32, and bf16 ran at 79-116
+  instead of 636 images/s, without it. TensorFlow flushes denormals by default too.
 
 "auto" resolves per device. On CUDA: bf16 (fp16 before compute capability 8.0),
-channels_last, compiled, grouped tower convolutions until `alexnet bench` on the GPU
-says otherwise (its ``towers`` section measures both). On the CPU: float32, channels_last
-and grouped convolutions, eager. Measured on the 2-core development CPU (Xeon with AMX,
-torch 2.14.1, 2026-11-23; benchmarks/RESULTS.md); the numbers and the reasons for each
-default are recorded there.
+channels_last, compiled, grouped tower convolutions (not yet measured against split on a
+GPU: `alexnet bench` times both; benchmarks/RESULTS.md). On the CPU: bf16 where the CPU
+has AMX-BF16 tiles (float32 otherwise), eager, grouped, denormals flushed, and
+channels_last for torchvision's network only. Measured on the 2-core development CPU
+(Xeon with AMX, torch 2.14.1, 2026-11-23, batch 64, each configuration's images/s over
+the reference step's in the same round, median of 8-10 rounds):
+
+    torchvision's network   float32 1.01, + channels_last 1.10, bf16 1.51, bf16 + channels_last 1.91
+    paper network           float32 0.39, + channels_last 0.41, bf16 0.64, bf16 + channels_last 0.58,
+                            split towers within noise of grouped (0.53-0.55 vs 0.58-0.64 in bf16),
+                            compiled bf16 1.03-1.07 whatever the layout and towers
+
+torch.compile is off on the CPU although it helps the paper net 1.6x: it needs a C++
+toolchain at run time and compiles before the first step of each model and batch shape
+(22.6 s for the paper net at batch 64, measured; Inductor caches it for later runs), a
+large share of the minutes-long CPU runs this project makes. Long CPU runs should set
+speed.compile=on.
 
 Nothing in the step reads a value back to the host: the loss and the count of errors
 come back as device tensors, summed by the caller. The one exception is fp16, whose
@@ -26,8 +46,11 @@ GradScaler checks for inf/NaN gradients on the host once per step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,9 +74,11 @@ class StepOptions:
     channels_last: bool
     compile: bool
     tower_convs: str  # "grouped" | "split"
+    flush_denormal: bool = False
+    compile_mode: str = "default"  # torch.compile(mode=...)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"amp": self.amp, "channels_last": self.channels_last, "compile": self.compile, "tower_convs": self.tower_convs}
+        return dataclasses.asdict(self)
 
 
 def compile_available() -> bool:
@@ -72,21 +97,41 @@ def compile_available() -> bool:
     return shutil.which("c++") is not None or shutil.which("g++") is not None or shutil.which("cl") is not None
 
 
-def resolve_options(cfg: SpeedConfig, device: torch.device) -> StepOptions:
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_options(cfg: SpeedConfig, device: torch.device, model: str = "paper") -> StepOptions:
+    """Decide every "auto" for ``device`` and the model variant ("paper" or "torchvision")."""
     cuda = device.type == "cuda"
     amp = cfg.amp
     if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
+        if cuda:
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            # AMX tiles multiply bf16 matrices; without them bf16 is emulated and slower than float32.
+            amp = "bf16" if "amx_bf16" in cpu_flags() else "off"
     if amp == "fp16" and not cuda:
         raise AlexNetError("speed.amp=fp16 needs a CUDA device (loss scaling); use bf16 or off on the CPU")
     if amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise AlexNetError(f"{torch.cuda.get_device_name(device)} has no bf16; use speed.amp=fp16")
-    channels_last = cfg.channels_last == "on" or cfg.channels_last == "auto"
+    # On the CPU channels_last helped torchvision's network and slowed the paper net in
+    # bf16 (its LRN, probably); see the module docstring.
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and (cuda or model == "torchvision"))
     compile_ = cfg.compile == "on" or (cfg.compile == "auto" and cuda and compile_available())
     if cfg.compile == "on" and not compile_available():
         raise AlexNetError("speed.compile=on needs torch.compile's backend (Triton on CUDA, a C++ compiler on CPU)")
     tower_convs = "grouped" if cfg.tower_convs == "auto" else cfg.tower_convs
-    return StepOptions(amp, channels_last, compile_, tower_convs)
+    flush = cfg.flush_denormal == "on" or (cfg.flush_denormal == "auto" and not cuda)
+    return StepOptions(amp, channels_last, compile_, tower_convs, flush, cfg.compile_mode)
 
 
 class TrainStep:
@@ -120,8 +165,13 @@ class TrainStep:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if options.amp == "fp16" else None
-        self.forward = torch.compile(model) if options.compile else model
-        self.update = torch.compile(optimizer.step) if options.compile and self.scaler is None else optimizer.step
+        if options.flush_denormal and not torch.set_flush_denormal(True):
+            log.warning("this CPU cannot flush denormal floats to zero; training may slow down when they appear")
+        # dynamic=False: one graph per batch shape (the epoch's last, smaller batch compiles
+        # once more) rather than a shape-generic graph, which is slower.
+        compile_ = functools.partial(torch.compile, dynamic=False, mode=options.compile_mode)
+        self.forward = compile_(model) if options.compile else model
+        self.update = compile_(optimizer.step) if options.compile and self.scaler is None else optimizer.step
 
     def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         x = train_batch(images, self.pre, flip=self.flip, lighting_std=self.lighting_std, generator=generator)

@@ -291,9 +291,10 @@ class StoreLoader:
 
     Indices come from an :class:`EpochBatchSampler`, so order, resume (``start_batch``)
     and sharding are those of the folder loader. ``threads`` background threads each
-    gather whole batches (``prefetch`` batches ahead). On CUDA a batch is gathered into
-    pinned memory and copied on a side stream, so the copy of batch k+1 runs while the
-    model computes batch k; the consumer's stream waits on an event, never the host.
+    gather whole batches, ``prefetch`` batches ahead (at least one per thread). On CUDA
+    a batch is gathered into pinned memory and copied on a side stream, so the copy of
+    batch k+1 runs while the model computes batch k; the consumer's stream waits on an
+    event, never the host.
     Images arrive as (B, 3, S, S) views of HWC memory, which is the channels-last layout.
     """
 
@@ -302,11 +303,15 @@ class StoreLoader:
         split: StoreSplit,
         sampler: EpochBatchSampler,
         device: torch.device | str = "cpu",
-        prefetch: int = 3,
-        threads: int = 2,
+        prefetch: int = 4,
+        threads: int = 0,
     ) -> None:
         self.split, self.sampler, self.device = split, sampler, torch.device(device)
-        self.prefetch, self.threads = max(1, prefetch), max(1, threads)
+        # Default: half the cores, at most 8. One thread copies about 8 GB/s from the page
+        # cache (development machine), 40,000 images/s at 256x256; the rest of the cores
+        # stay with the training process (kernel launches, the CPU step).
+        threads = threads or min(8, max(1, (os.cpu_count() or 2) // 2))
+        self.prefetch, self.threads = max(1, prefetch, threads), threads
         self.cuda = self.device.type == "cuda"
 
     def __len__(self) -> int:

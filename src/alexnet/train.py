@@ -395,7 +395,7 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, state_path: P
         param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_biases), lr=cfg.optim.lr, momentum=cfg.optim.momentum
     )
     schedule = plateau_schedule(optimizer, cfg.optim)
-    options = resolve_options(cfg.speed, device)
+    options = resolve_options(cfg.speed, device, cfg.model.name)
     log.info("step options: %s", ", ".join(f"{k} {v}" for k, v in options.as_dict().items()))
     step_fn = TrainStep(
         model,
