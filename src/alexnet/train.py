@@ -318,6 +318,8 @@ def train(cfg: Config) -> Path:
     Raises errors.Stopped after saving a checkpoint when SIGTERM or SIGINT arrives.
     """
     run_dir = Path(cfg.run.out)
+    # Before joining the group: a batch that does not divide stops every rank at once.
+    distributed.split_batch(cfg.optim.batch_size, distributed.from_env().world_size, cfg.optim.accumulate)
     with distributed.context() as d:
         if (run_dir / "last.pt").exists():
             if distributed.restart_count() > 0:
