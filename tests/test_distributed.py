@@ -244,3 +244,25 @@ def test_a_restarted_worker_resumes_the_run_it_finds(dataset, tmp_path, monkeypa
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert main([*args, "--epochs", "2"]) == 0
     assert [r["epoch"] for r in rows(out)] == [1, 2]
+
+
+def test_nproc_launches_torchrun_with_the_same_command(monkeypatch, tmp_path):
+    import alexnet.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli.subprocess, "run", lambda command: seen.append(command) or subprocess.CompletedProcess(command, 0))
+    assert main(["train", "--nproc", "2", "--max-restarts=1", "--data", "D", "--out", str(tmp_path), "--epochs", "3"]) == 0
+    (command,) = seen
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert command[3:8] == ["--standalone", "--nproc-per-node=2", "--max-restarts=1", "-m", "alexnet"]
+    assert command[8:] == ["train", "--data", "D", "--out", str(tmp_path), "--epochs", "3"]
+    seen.clear()  # without --out every rank must get the same directory name: fixed here
+    assert main(["train", "--nproc", "2", "--data", "D"]) == 0
+    assert seen[0][-2] == "--out" and seen[0][-1].startswith("runs")
+
+
+def test_under_torchrun_the_run_directory_must_be_given(monkeypatch, capsys):
+    for var, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(var, value)
+    assert main(["train", "--data", "D", *TINY]) == 2
+    assert "give the run directory explicitly" in capsys.readouterr().err
