@@ -84,12 +84,15 @@ class Dist:
             dist.barrier()
 
 
+SINGLE = Dist()  # a plain single-process run
+
+
 def from_env(env: dict[str, str] | None = None) -> Dist:
     """The process's place in the job from torchrun's variables; a single process when none is set."""
     env = dict(os.environ) if env is None else env
     present = [v for v in RENDEZVOUS_VARS if v in env]
     if not present:
-        return Dist()
+        return SINGLE
     missing = [v for v in RENDEZVOUS_VARS if v not in env]
     if missing:
         raise AlexNetError(
@@ -145,13 +148,6 @@ def context(timeout_s: float = 1800.0) -> Iterator[Dist]:
         yield d
     finally:
         dist.destroy_process_group()
-
-
-def current() -> Dist:
-    """The running job's place from the joined process group (single process when none)."""
-    if dist.is_available() and dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
-    return Dist()
 
 
 def split_batch(batch_size: int, world_size: int, accumulate: int) -> int:

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .augment import Preprocess, train_batch
 from .config import SpeedConfig
-from .distributed import Dist
+from .distributed import SINGLE, Dist
 from .errors import AlexNetError
 from .evaluate import topk_errors
 from .model import set_tower_convs
@@ -114,7 +114,7 @@ class TrainStep:
         flip: bool = True,
         lighting_std: float = 0.1,
         skip_nonfinite: bool = False,
-        dist: Dist = Dist(),
+        dist: Dist = SINGLE,
         accumulate: int = 1,
     ) -> None:
         self.model, self.optimizer, self.pre, self.options = model, optimizer, pre, options

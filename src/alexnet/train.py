@@ -53,7 +53,7 @@ from .augment import Preprocess, make_preprocess
 from .checkpoint import load_for_resume, model_from_checkpoint, save_run_checkpoint
 from .config import Config
 from .data import DataStats, EpochBatchSampler
-from .distributed import Dist
+from .distributed import SINGLE, Dist
 from .errors import AlexNetError, Stopped
 from .evaluate import evaluate
 from .model import build_model
@@ -545,7 +545,7 @@ class _Loop:
         classes: list[str],
         reported: set[str],
         step_fn: TrainStep,
-        dist: Dist = Dist(),
+        dist: Dist = SINGLE,
     ) -> None:
         self.cfg, self.run_dir, self.device, self.dist = cfg, run_dir, device, dist
         self.step_fn = step_fn
