@@ -233,6 +233,23 @@ def test_a_killed_rank_ends_the_job_with_the_checkpoint_intact_and_it_resumes(da
     assert_same_params(out / "last.pt", one_rank / "last.pt")
 
 
+@pytest.mark.distributed
+def test_torchrun_restarts_a_job_whose_rank_died_and_it_finishes_from_the_checkpoint(dataset, one_rank, tmp_path):
+    # torchrun --max-restarts=1: rank 1 dies after step 3 on the first attempt; torchrun
+    # restarts both ranks, which find the step-2 checkpoint, resume and finish the epoch.
+    out = tmp_path / "run"
+    done = torchrun(
+        "train", "--data", dataset, "--out", out, "--epochs", "1", *TINY, "--set", "run.checkpoint_every=2",
+        env={"ALEXNET_FAULT_KILL_AT_STEP": "3"}, restarts=1,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exitcode: 17" in done.stderr and "restart 1 by torchrun: resuming" in done.stderr
+    assert "in epoch 1 after batch 2" in (out / "log.txt").read_text()
+    state = load_checkpoint(out / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 5)
+    assert_same_params(out / "last.pt", one_rank / "last.pt")
+
+
 def test_a_restarted_worker_resumes_the_run_it_finds(dataset, tmp_path, monkeypatch):
     # What torchrun --max-restarts does after a failure: it starts the same command again
     # with TORCHELASTIC_RESTART_COUNT > 0. The run directory's checkpoint is then resumed

@@ -143,7 +143,15 @@ def context(timeout_s: float = 1800.0) -> Iterator[Dist]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(d.local_rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", d.rank, d.world_size, timeout=timeout))
+    # The keys of this attempt only. Workers restarted by torchrun (--max-restarts) share
+    # the agent's store with the failed attempt; joining with its keys, gloo's restarted
+    # workers connected to the dead workers' addresses ("connectFullMesh ... Connection
+    # refused") or hung: 0 of 3 restarts joined on torch 2.14.1 (CPU, 2026-11-23), 4 of 4
+    # with the prefix.
+    store = dist.PrefixStore(f"alexnet/attempt_{restart_count()}", store)
+    dist.init_process_group(backend, store=store, rank=d.rank, world_size=d.world_size, timeout=timeout)
     try:
         yield d
     finally:
