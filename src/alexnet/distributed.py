@@ -21,6 +21,10 @@ What the training loop does with several ranks (train.py):
   (of the unwrapped model, so they load anywhere), and holds the run-directory lock.
   Checkpoints hold the epoch's position in global batches and the epoch's sums over
   all ranks, so a run resumes with another world size.
+* torchrun --max-restarts=K restarts every rank after a failure; ``train`` then resumes
+  the run directory's checkpoint (``restart_count``).
+
+The paper's other parallelism, its two towers on two GPUs, is towers.py.
 """
 
 from __future__ import annotations
@@ -148,8 +152,8 @@ def context(timeout_s: float = 1800.0) -> Iterator[Dist]:
     # The keys of this attempt only. Workers restarted by torchrun (--max-restarts) share
     # the agent's store with the failed attempt; joining with its keys, gloo's restarted
     # workers connected to the dead workers' addresses ("connectFullMesh ... Connection
-    # refused") or hung: 0 of 3 restarts joined on torch 2.14.1 (CPU, 2026-11-23), 4 of 4
-    # with the prefix.
+    # refused") or hung: 1 of 5 restarts joined on torch 2.14.1 (CPU, 2026-11-23), 7 of 7
+    # with the prefix (README, "Many GPUs and many machines").
     store = dist.PrefixStore(f"alexnet/attempt_{restart_count()}", store)
     dist.init_process_group(backend, store=store, rank=d.rank, world_size=d.world_size, timeout=timeout)
     try:
