@@ -440,16 +440,21 @@ def test_sampler_start_batch_resumes_exactly(start: int) -> None:
 
 @pytest.mark.parametrize("n, batch", [(23, 4), (24, 4), (5, 8)])
 def test_sampler_ranks_partition_each_epoch(n: int, batch: int) -> None:
+    # batch is the global batch: each rank takes a consecutive share of every global batch.
+    single = EpochBatchSampler(n, batch, shuffle=True, seed=5)
     ranks = [EpochBatchSampler(n, batch, shuffle=True, seed=5, rank=r, world_size=2) for r in (0, 1)]
     for epoch in (0, 1):
-        seen = []
-        for r, s in enumerate(ranks):
+        single.set_epoch(epoch)
+        per_rank = []
+        for s in ranks:
             s.set_epoch(epoch)
-            batches = list(s)
-            per_rank = len(range(r, n, 2))
-            assert len(s) == len(batches) == -(-per_rank // batch)
-            assert all(len(b) <= batch for b in batches)
-            seen += _flat(batches)
+            per_rank.append(list(s))
+            assert len(s) == len(per_rank[-1])
+            assert all(0 < len(b) <= batch // 2 + 1 for b in per_rank[-1])
+        for k, whole in enumerate(single):  # global batch k = rank 0's share + rank 1's share
+            shares = [p[k] for p in per_rank if k < len(p)]
+            assert _flat(shares) == whole
+        seen = _flat(per_rank[0]) + _flat(per_rank[1])
         assert sorted(seen) == list(range(n))  # no index twice, none lost
 
 

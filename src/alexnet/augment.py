@@ -103,16 +103,36 @@ def lighting_shift(n: int, eigvals: Tensor, eigvecs: Tensor, std: float, generat
 
 
 def train_batch(
-    images: Tensor, pre: Preprocess, *, flip: bool = True, lighting_std: float = 0.1, generator: torch.Generator | None = None
+    images: Tensor,
+    pre: Preprocess,
+    *,
+    flip: bool = True,
+    lighting_std: float = 0.1,
+    generator: torch.Generator | None = None,
+    draws: int | None = None,
+    offset: int = 0,
 ) -> Tensor:
-    """Random patches, reflections and PCA lighting of a uint8 batch, mean subtracted and scaled."""
+    """Random patches, reflections and PCA lighting of a uint8 batch, mean subtracted and scaled.
+
+    ``draws``/``offset``: the random parameters are drawn for ``draws`` images (default: the
+    batch) and images take rows offset.. of them. A rank holding one share of a global
+    batch draws for the whole global batch and keeps its slice, so every sample gets the
+    same augmentation whatever the number of ranks (distributed.py).
+    """
     n, s, crop, dev = images.shape[0], images.shape[-1], pre.crop_size, images.device
-    top = torch.randint(0, s - crop + 1, (n,), generator=generator, device=dev)
-    left = torch.randint(0, s - crop + 1, (n,), generator=generator, device=dev)
-    flips = torch.rand(n, generator=generator, device=dev) < 0.5 if flip else torch.zeros(n, dtype=torch.bool, device=dev)
+    total = n if draws is None else draws
+    if not 0 <= offset <= total - n:
+        raise ValueError(f"a batch of {n} at offset {offset} does not fit in {total} draws")
+    rows = slice(offset, offset + n)
+    top = torch.randint(0, s - crop + 1, (total,), generator=generator, device=dev)[rows]
+    left = torch.randint(0, s - crop + 1, (total,), generator=generator, device=dev)[rows]
+    if flip:
+        flips = (torch.rand(total, generator=generator, device=dev) < 0.5)[rows]
+    else:
+        flips = torch.zeros(n, dtype=torch.bool, device=dev)
     x = _gather_patches(images, pre.mean, top, left, flips, crop)
     if lighting_std > 0:
-        x = x + lighting_shift(n, pre.eigvals, pre.eigvecs, lighting_std, generator)[:, :, None, None]
+        x = x + lighting_shift(total, pre.eigvals, pre.eigvecs, lighting_std, generator)[rows, :, None, None]
     return x / pre.std.view(1, 3, 1, 1)
 
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument(
+        "--nproc", type=int, metavar="N",
+        help="data-parallel training in N processes on this machine (runs torchrun --standalone --nproc-per-node N)",
+    )  # fmt: skip
+    t.add_argument("--max-restarts", type=int, default=0, metavar="K", help="with --nproc: torchrun restarts after a failure")
 
     e = sub.add_parser("evaluate", help="top-1/top-5 error, centre patch and ten patches; several checkpoints: ensemble")
     e.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="a .pt file or a run directory")
@@ -219,9 +225,36 @@ def _resolve_config(args: argparse.Namespace):
     return config_lib.resolve(preset, overrides)
 
 
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """``alexnet train --nproc N ...`` is ``torchrun --standalone --nproc-per-node N -m alexnet train ...``."""
+    if args.nproc < 1 or args.max_restarts < 0:
+        raise AlexNetError(f"--nproc must be 1 or more and --max-restarts 0 or more; got {args.nproc} and {args.max_restarts}")
+    rest, skip = [], False
+    for word in args.argv:  # the same command without the launcher's own options
+        if skip:
+            skip = False
+        elif word in ("--nproc", "--max-restarts"):
+            skip = True
+        elif not word.startswith(("--nproc=", "--max-restarts=")):
+            rest.append(word)
+    if not args.resume and not args.out and not any(s.startswith("run.out=") for s in args.set):
+        rest += ["--out", str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))]  # one name for all ranks
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+        f"--max-restarts={args.max_restarts}", "-m", "alexnet", *rest,
+    ]  # fmt: skip
+    print("alexnet: running " + shlex.join(command), file=sys.stderr)
+    return subprocess.run(command).returncode
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import from_env
     from .train import resume, train
 
+    if args.nproc is not None:
+        if from_env().active:
+            raise AlexNetError("--nproc starts torchrun itself; under torchrun leave it out")
+        return _launch_torchrun(args)
     if args.resume:
         # A resumed run keeps its saved recipe: refuse flags that would silently not apply.
         fixed = [f"--{name.replace('_', '-')}" for name in ("data", "preset", "model", "lr", "batch_size", "seed", "out")]
@@ -249,6 +282,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = _resolve_config(args)
         if not args.out and not any(s.startswith("run.out=") for s in args.set):
+            if from_env().active:  # the default name is a time stamp: ranks would disagree
+                raise AlexNetError("with several processes give the run directory explicitly: --out RUN_DIR")
             cfg.run.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         run_dir = train(cfg)
     print(f"run directory: {run_dir}")
@@ -558,7 +593,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.command_line = shlex.join(["alexnet", *(sys.argv[1:] if argv is None else argv)])  # recorded with results
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.command_line = shlex.join(["alexnet", *args.argv])  # recorded with results
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("alexnet").setLevel(logging.INFO)
     try:

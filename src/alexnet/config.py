@@ -35,6 +35,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # The GLOBAL batch: summed over all ranks and accumulation steps (distributed.py).
     batch_size: int = 128
     epochs: int = 90  # "roughly 90 cycles through the training set" (section 5)
     lr: float = 0.01
@@ -48,6 +49,24 @@ class OptimConfig:
     # good); true skips that batch instead (no update) and counts it in metrics.jsonl.
     # Skipping needs to know before the update, so it costs one host sync per step on a GPU.
     skip_nonfinite: bool = False
+    # Gradient accumulation: each rank's share of a global batch in this many micro-batches
+    # (one update per global batch), for when a share does not fit in memory.
+    accumulate: int = 1
+    # "none": optim.lr as given (the paper's recipe). "linear": lr * batch_size / 128, the
+    # linear scaling rule of Goyal et al. 2017 ("Accurate, large minibatch SGD") for global
+    # batches larger than the paper's.
+    lr_scaling: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.accumulate < 1:
+            raise AlexNetError(f"optim.accumulate must be 1 or more; got {self.accumulate}")
+        if self.lr_scaling not in ("none", "linear"):
+            raise AlexNetError(f"optim.lr_scaling must be none or linear; got {self.lr_scaling!r}")
+
+    @property
+    def scaled_lr(self) -> float:
+        """The starting learning rate after optim.lr_scaling (the paper's batch is 128)."""
+        return self.lr * self.batch_size / 128 if self.lr_scaling == "linear" else self.lr
 
 
 @dataclass

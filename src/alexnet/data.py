@@ -204,15 +204,32 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     The order of epoch e depends on nothing but the seed and e, so a resumed run replays
     it exactly, and ``start_batch`` skips the batches an interrupted epoch already did.
-    With ``world_size > 1`` each rank takes every world_size-th index of the same
-    permutation: no sample is seen twice in an epoch.
+
+    ``batch_size`` is the global batch. With ``world_size > 1`` every global batch of the
+    one permutation is cut into world_size consecutive shares and rank r takes share r:
+    no sample is seen twice in an epoch, and global batch k holds the same samples for
+    any world size (what makes N ranks compute the update of one). ``start_batch``
+    counts global batches, so a position carries over to another world size.
+    ``drop_last`` drops a last global batch that is not whole (training with several
+    ranks: every rank must make the same number of steps); otherwise the last batch's
+    shares are as even as possible and a rank with an empty share skips it (evaluation).
     """
 
     def __init__(
-        self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
     ) -> None:
+        if drop_last and batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -224,14 +241,33 @@ class EpochBatchSampler(Sampler[list[int]]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.n, generator=g).tolist()
 
+    def global_batches(self) -> int:
+        """Global batches in a whole epoch."""
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def _share(self, size: int) -> tuple[int, int]:
+        """(start, stop) of this rank's share of a global batch of `size` samples."""
+        per, extra = divmod(size, self.world_size)
+        start = self.rank * per + min(self.rank, extra)
+        return start, start + per + (self.rank < extra)
+
     def __len__(self) -> int:
-        per_rank = len(range(self.rank, self.n, self.world_size))
-        return max(0, -(-per_rank // self.batch_size) - self.start_batch)
+        """Batches this rank will still yield (global batches where its share is not empty)."""
+        full = self.n // self.batch_size
+        count = max(0, full - self.start_batch)
+        last = self.n - full * self.batch_size
+        if last and not self.drop_last and self.start_batch <= full:
+            start, stop = self._share(last)
+            count += stop > start
+        return count
 
     def __iter__(self):
-        mine = self._order()[self.rank :: self.world_size]
-        for b in range(self.start_batch * self.batch_size, len(mine), self.batch_size):
-            yield mine[b : b + self.batch_size]
+        order = self._order()
+        for b in range(self.start_batch, self.global_batches()):
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            start, stop = self._share(len(batch))
+            if stop > start:
+                yield batch[start:stop]
 
 
 def resolve_workers(workers: int) -> int:

@@ -6,7 +6,7 @@ for a batch. :func:`evaluate` only loops over a loader and sums.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,10 +61,19 @@ class EvalResult:
 
 
 def evaluate(
-    models: Sequence[nn.Module], pres: Sequence[Preprocess], batches: Iterable[Batch], device: torch.device, ten: bool = False
+    models: Sequence[nn.Module],
+    pres: Sequence[Preprocess],
+    batches: Iterable[Batch],
+    device: torch.device,
+    ten: bool = False,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[dict[str, EvalResult], list[str]]:
     """Top-1 and top-5 error over batches for the centre patch ("centre") and, with ``ten``,
-    the ten patches ("ten_patches"), in one pass; also the files that could not be read."""
+    the ten patches ("ten_patches"), in one pass; also the files that could not be read.
+
+    ``reduce`` sums the counts over the processes of a distributed job, each of which
+    evaluated its share of the images (distributed.Dist.all_reduce_sum).
+    """
     for m in models:
         m.eval()
     views = ["centre", "ten_patches"] if ten else ["centre"]
@@ -82,8 +91,11 @@ def evaluate(
             for k in (1, 5):
                 wrong[view, k] += counts[k]
         n += len(labels)
+    counts = torch.stack([*(wrong[v, k] for v in views for k in (1, 5)), torch.tensor(n, device=device)])
+    if reduce is not None:
+        counts = reduce(counts)
+    c = counts.tolist()
+    n = c[-1]
     nan = float("nan")
-    results = {
-        v: EvalResult(wrong[v, 1].item() / n if n else nan, wrong[v, 5].item() / n if n else nan, n) for v in views
-    }
+    results = {v: EvalResult(c[2 * i] / n if n else nan, c[2 * i + 1] / n if n else nan, n) for i, v in enumerate(views)}
     return results, skipped

@@ -19,6 +19,11 @@ The switches of ``speed`` (config.SpeedConfig) change how the step is computed, 
   from 607 to 115 images/s with channels_last and float32, and bf16 ran at 79-116
   instead of 636 images/s, without it. TensorFlow flushes denormals by default too.
 
+With several ranks (distributed.py) the forward runs through DistributedDataParallel,
+which averages gradients over ranks during backward; with ``accumulate`` > 1 the rank's
+share is split into micro-batches whose gradients add up (DDP's ``no_sync`` on all but
+the last, so ranks communicate once per update).
+
 "auto" resolves per device. On CUDA: bf16 (fp16 before compute capability 8.0),
 channels_last, compiled, grouped tower convolutions (not yet measured against split on a
 GPU: `alexnet bench` times both; benchmarks/RESULTS.md). On the CPU: bf16 where the CPU
@@ -59,6 +64,7 @@ from torch import Tensor, nn
 
 from .augment import Preprocess, train_batch
 from .config import SpeedConfig
+from .distributed import SINGLE, Dist
 from .errors import AlexNetError
 from .evaluate import topk_errors
 from .model import set_tower_convs
@@ -153,8 +159,11 @@ class TrainStep:
         flip: bool = True,
         lighting_std: float = 0.1,
         skip_nonfinite: bool = False,
+        dist: Dist = SINGLE,
+        accumulate: int = 1,
     ) -> None:
         self.model, self.optimizer, self.pre, self.options = model, optimizer, pre, options
+        self.dist, self.accumulate = dist, accumulate
         self.flip, self.lighting_std = flip, lighting_std
         # optim.skip_nonfinite: deciding before the update needs the answer on the host,
         # one sync per step, which is why skipping is opt-in. `skipped` tells the caller.
@@ -167,34 +176,60 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type) if options.amp == "fp16" else None
         if options.flush_denormal and not torch.set_flush_denormal(True):
             log.warning("this CPU cannot flush denormal floats to zero; training may slow down when they appear")
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
+        wrapped: nn.Module = model
+        if dist.active:
+            # Built after the layout change: DDP broadcasts rank 0's parameters and buffers
+            # here, so every rank starts from the same weights whatever its seed.
+            ids = [device.index] if device.type == "cuda" else None
+            self.ddp = wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         # dynamic=False: one graph per batch shape (the epoch's last, smaller batch compiles
         # once more) rather than a shape-generic graph, which is slower.
         compile_ = functools.partial(torch.compile, dynamic=False, mode=options.compile_mode)
-        self.forward = compile_(model) if options.compile else model
+        self.forward = compile_(wrapped) if options.compile else wrapped
         self.update = compile_(optimizer.step) if options.compile and self.scaler is None else optimizer.step
 
     def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        x = train_batch(images, self.pre, flip=self.flip, lighting_std=self.lighting_std, generator=generator)
+        # Ranks hold equal shares of a global batch (the sampler drops a partial last one),
+        # so the global batch is len * world_size and this rank's share starts at rank * len.
+        n, d = images.shape[0], self.dist
+        x = train_batch(
+            images, self.pre, flip=self.flip, lighting_std=self.lighting_std, generator=generator,
+            draws=n * d.world_size, offset=n * d.rank,
+        )  # fmt: skip
         return self.model_step(x.contiguous(memory_format=self.memory_format), labels)
 
     def model_step(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """The step on an already augmented float batch (what `alexnet bench` times as "model step")."""
-        with self.autocast():
-            logits = self.forward(x)
-        loss = F.cross_entropy(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
+        micro = [(xi, yi) for xi, yi in zip(x.tensor_split(self.accumulate), labels.tensor_split(self.accumulate)) if len(yi)]
+        loss, wrong = torch.zeros((), device=x.device), torch.zeros((), dtype=torch.long, device=x.device)
+        for i, (xi, yi) in enumerate(micro):
+            # Gradients of all micro-batches add up locally; ranks average them once, at the last.
+            sync = self.ddp is None or i == len(micro) - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with self.autocast():
+                    logits = self.forward(xi)
+                if len(micro) == 1:
+                    part = F.cross_entropy(logits.float(), yi)
+                else:  # each micro-batch weighted by its size: the mean over the whole share
+                    part = F.cross_entropy(logits.float(), yi, reduction="sum") / len(labels)
+                if self.scaler is not None:
+                    self.scaler.scale(part).backward()
+                else:
+                    part.backward()
+            loss += part.detach()
+            wrong += topk_errors(logits.detach(), yi, (1,))[1]
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.skipped = self.skip_nonfinite and not _all_finite(loss, self.optimizer)
             if self.skipped:
                 self.optimizer.zero_grad(set_to_none=True)
             else:
                 self.update()
-        return loss.detach(), topk_errors(logits.detach(), labels, (1,))[1]
+        return loss, wrong
 
 
 def _all_finite(loss: Tensor, optimizer: torch.optim.Optimizer) -> bool:

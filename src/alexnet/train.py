@@ -15,6 +15,11 @@ the epoch's partial sums and the generators' states at that batch boundary, so
 ``alexnet train --resume RUN_DIR`` after a crash at any moment ends with the same
 weights and metrics, bit for bit on the CPU, as a run that was never interrupted.
 
+Several processes (torchrun; distributed.py) train one run as data parallelism: the
+same command, ``optim.batch_size`` the global batch, rank 0 writing the run directory.
+When torchrun restarts the workers after a failure (--max-restarts), ``train`` finds the
+run's checkpoint and resumes from it.
+
 Faults a days-long run meets, and what happens (tests in tests/test_reliability.py):
 SIGTERM/SIGINT save a checkpoint at the next batch boundary and raise errors.Stopped;
 a NaN or inf loss stops the run naming the step, without overwriting the last good
@@ -29,6 +34,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -42,10 +48,12 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from . import config as config_lib
+from . import distributed
 from .augment import Preprocess, make_preprocess
 from .checkpoint import load_for_resume, model_from_checkpoint, save_run_checkpoint
 from .config import Config
 from .data import DataStats, EpochBatchSampler
+from .distributed import SINGLE, Dist
 from .errors import AlexNetError, Stopped
 from .evaluate import evaluate
 from .model import build_model
@@ -115,8 +123,8 @@ def plateau_schedule(optimizer: torch.optim.Optimizer, cfg: config_lib.OptimConf
         threshold=cfg.plateau_threshold,
         threshold_mode="abs",
         # The floor stops the schedule after lr_drops divisions; the margins absorb rounding.
-        min_lr=cfg.lr * 0.1**cfg.lr_drops * (1 - 1e-6),
-        eps=cfg.lr * 0.1**cfg.lr_drops * 1e-3,
+        min_lr=cfg.scaled_lr * 0.1**cfg.lr_drops * (1 - 1e-6),
+        eps=cfg.scaled_lr * 0.1**cfg.lr_drops * 1e-3,
     )
 
 
@@ -305,13 +313,22 @@ class EpochTotals:
 def train(cfg: Config) -> Path:
     """Train a new run with cfg in ``cfg.run.out``; returns the run directory.
 
+    Under torchrun every rank calls this. After a restart by torchrun (a rank had died)
+    the run directory already has a checkpoint, and the run resumes from it.
     Raises errors.Stopped after saving a checkpoint when SIGTERM or SIGINT arrives.
     """
     run_dir = Path(cfg.run.out)
-    if (run_dir / "last.pt").exists():
-        raise AlexNetError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
-    with _exclusive(run_dir), _log_file(run_dir):
-        return _run(cfg, None, run_dir)
+    # Before joining the group: a batch that does not divide stops every rank at once.
+    distributed.split_batch(cfg.optim.batch_size, distributed.from_env().world_size, cfg.optim.accumulate)
+    with distributed.context() as d:
+        if (run_dir / "last.pt").exists():
+            if distributed.restart_count() > 0:
+                log.warning("restart %d by torchrun: resuming %s from its last checkpoint", distributed.restart_count(), run_dir)
+                return _resume(run_dir, d, dict(epochs=cfg.optim.epochs, device=cfg.run.device,
+                                                workers=cfg.data.workers, progress=cfg.run.progress))  # fmt: skip
+            raise AlexNetError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+        with _rank_zero_owns(run_dir, d):
+            return _run(cfg, None, run_dir, d)
 
 
 def resume(
@@ -325,34 +342,66 @@ def resume(
     """Continue the run in run_dir from its newest loadable checkpoint with its own recipe.
 
     The checkpoint may be from the middle of an epoch; the rest of that epoch replays
-    exactly what the uninterrupted run would have done. ``epochs`` may extend the run.
+    exactly what the uninterrupted run would have done (with the same world size; with
+    another one, from the same global batch on). ``epochs`` may extend the run.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AlexNetError(f"run directory {run_dir} does not exist")
-    with _exclusive(run_dir), _log_file(run_dir):
+    with distributed.context() as d:
+        return _resume(run_dir, d, dict(epochs=epochs, device=device, workers=workers, progress=progress))
+
+
+def _resume(run_dir: Path, d: Dist, changes: dict[str, Any]) -> Path:
+    # Every rank reads the checkpoint itself: the run directory must be on storage all
+    # ranks see (a shared file system with several machines).
+    with _rank_zero_owns(run_dir, d):
         state, path = load_for_resume(run_dir)
         cfg = config_lib.from_dict(state["config"], f"checkpoint {path}")
         cfg.run.out = str(run_dir)
-        if epochs is not None:
-            cfg.optim.epochs = epochs
-        if device is not None:
-            cfg.run.device = device
-        if workers is not None:
-            cfg.data.workers = workers
-        if progress is not None:
-            cfg.run.progress = progress
-        return _run(cfg, state, run_dir, path)
+        if changes["epochs"] is not None:
+            cfg.optim.epochs = changes["epochs"]
+        if changes["device"] is not None:
+            cfg.run.device = changes["device"]
+        if changes["workers"] is not None:
+            cfg.data.workers = changes["workers"]
+        if changes["progress"] is not None:
+            cfg.run.progress = changes["progress"]
+        return _run(cfg, state, run_dir, d, path)
 
 
-def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, state_path: Path | None = None) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.run.device)
+@contextlib.contextmanager
+def _rank_zero_owns(run_dir: Path, d: Dist) -> Iterator[None]:
+    """Rank 0 holds the run-directory lock and writes log.txt; the other ranks log warnings only."""
+    if d.is_main:
+        with _exclusive(run_dir), _log_file(run_dir):
+            yield
+        return
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, d: Dist, state_path: Path | None = None) -> Path:
+    # Checked before any work: every rank raises the same error and the job ends at once.
+    distributed.split_batch(cfg.optim.batch_size, d.world_size, cfg.optim.accumulate)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        cfg.run.progress = False
+    device = resolve_device(distributed.device_for(d, cfg.run.device))
 
     if cfg.data.root is None:
         from .synthetic import ensure_shapes_dataset
 
-        cfg.data.root = str(ensure_shapes_dataset(progress=cfg.run.progress))
+        if d.is_main:  # rank 0 generates it; the others find it after the barrier
+            cfg.data.root = str(ensure_shapes_dataset(progress=cfg.run.progress))
+        d.barrier()
+        if not d.is_main:
+            cfg.data.root = str(ensure_shapes_dataset(progress=False))
         log.info("no --data given: using the built-in shapes dataset at %s", cfg.data.root)
     # An ImageFolder tree, or a store from `alexnet prepare` (decoded once, read as uint8 batches).
     data = open_training_data(
@@ -379,20 +428,27 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, state_path: P
         pre = Preprocess.from_state_dict(state["preprocess"])
         reported.update(str(s) for s in state.get("skipped_files", []))
     else:
-        log.info("mean image and RGB PCA over %d training images (%s)", data.counts["train"], data.description)
-        stats, skipped = data.stats()
-        if skipped:
-            log.warning("%d training files cannot be decoded and are skipped", len(skipped))
-            _report_skipped(skipped, reported)
-        pre = _preprocess(cfg, stats)
+        pre_state = None
+        if d.is_main:  # the statistics are computed once and sent to the other ranks
+            log.info("mean image and RGB PCA over %d training images (%s)", data.counts["train"], data.description)
+            stats, skipped = data.stats()
+            if skipped:
+                log.warning("%d training files cannot be decoded and are skipped", len(skipped))
+                _report_skipped(skipped, reported)
+            pre_state = _preprocess(cfg, stats).state_dict()
+        pre = Preprocess.from_state_dict(d.broadcast_object(pre_state))
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model)
-    config_lib.save(cfg, run_dir / "config.yaml")
+    if d.is_main:
+        config_lib.save(cfg, run_dir / "config.yaml")
     model = model.to(device)
     pre = pre.to(device)
 
+    lr = cfg.optim.scaled_lr
+    if lr != cfg.optim.lr:
+        log.info("optim.lr_scaling linear: lr %g x batch %d / 128 = %g", cfg.optim.lr, cfg.optim.batch_size, lr)
     optimizer = PaperSGD(
-        param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_biases), lr=cfg.optim.lr, momentum=cfg.optim.momentum
+        param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_biases), lr=lr, momentum=cfg.optim.momentum
     )
     schedule = plateau_schedule(optimizer, cfg.optim)
     options = resolve_options(cfg.speed, device, cfg.model.name)
@@ -406,18 +462,25 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, state_path: P
         flip=cfg.data.flip,
         lighting_std=cfg.data.lighting_std,
         skip_nonfinite=cfg.optim.skip_nonfinite,
+        dist=d,
+        accumulate=cfg.optim.accumulate,
     )
-    loop = _Loop(cfg, run_dir, device, model, optimizer, schedule, pre, classes, reported, step_fn)
+    loop = _Loop(cfg, run_dir, device, model, optimizer, schedule, pre, classes, reported, step_fn, d)
     start_epoch, totals = 0, None
     if state is not None:
         start_epoch, totals = loop.restore(state, state_path or run_dir / "last.pt")
-    _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
+    if d.is_main:
+        _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
 
-    train_sampler = EpochBatchSampler(data.counts["train"], cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed)
-    val_sampler = EpochBatchSampler(data.counts["val"], cfg.optim.batch_size, shuffle=False)
+    # With several ranks a partial last global batch is dropped (see distributed.py).
+    ranks = dict(rank=d.rank, world_size=d.world_size)
+    train_sampler = EpochBatchSampler(
+        data.counts["train"], cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed, drop_last=d.active, **ranks
+    )
+    val_sampler = EpochBatchSampler(data.counts["val"], cfg.optim.batch_size, shuffle=False, **ranks)
     train_loader = data.loader("train", train_sampler)
     val_loader = data.loader("val", val_sampler)
-    run_log = RunLog(run_dir, cfg.run.tensorboard)
+    run_log = RunLog(run_dir, cfg.run.tensorboard) if d.is_main else None
     try:
         # From here on SIGTERM/SIGINT stop with a checkpoint; before, there is nothing to
         # save and they end the process at once. The "training" line marks the switch.
@@ -433,21 +496,33 @@ def _run(cfg: Config, state: dict[str, Any] | None, run_dir: Path, state_path: P
                 start_epoch + 1,
                 cfg.optim.epochs,
             )
+            if d.active:
+                log.info(
+                    "%d ranks: global batch %d = %d ranks x %d accumulation steps x %d images",
+                    d.world_size, cfg.optim.batch_size, d.world_size, cfg.optim.accumulate,
+                    distributed.split_batch(cfg.optim.batch_size, d.world_size, cfg.optim.accumulate),
+                )  # fmt: skip
             for epoch in range(start_epoch, cfg.optim.epochs):
                 if totals is None:
                     seed = _seed_for(cfg.run.seed, epoch)
-                    torch.manual_seed(seed)  # dropout
-                    loop.augment_gen.manual_seed(seed + 1)
+                    torch.manual_seed(seed + _rank_offset(d))  # dropout: each rank its own masks
+                    loop.augment_gen.manual_seed(seed + 1)  # augmentation: the same on every rank
                     totals = EpochTotals.zeros(device)
                 train_sampler.set_epoch(epoch, totals.batches)
-                loop.train_epoch(train_loader, epoch, totals, len(train_sampler) + totals.batches)
+                loop.train_epoch(train_loader, epoch, totals, train_sampler.global_batches())
                 loop.end_epoch(epoch, totals, val_loader, run_log)
                 totals = None
                 if stop.signum is not None and epoch + 1 < cfg.optim.epochs:
                     raise loop.stopped(epoch + 1, 0)
     finally:
-        run_log.close()
+        if run_log is not None:
+            run_log.close()
     return run_dir
+
+
+def _rank_offset(d: Dist) -> int:
+    """Rank 0 keeps the single-process seed, so a one-rank run is what it always was."""
+    return d.rank * 1_000_033
 
 
 class _Loop:
@@ -470,8 +545,9 @@ class _Loop:
         classes: list[str],
         reported: set[str],
         step_fn: TrainStep,
+        dist: Dist = SINGLE,
     ) -> None:
-        self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.cfg, self.run_dir, self.device, self.dist = cfg, run_dir, device, dist
         self.step_fn = step_fn
         self.model, self.optimizer, self.schedule, self.pre, self.classes = model, optimizer, schedule, pre, classes
         self.reported = reported
@@ -482,6 +558,10 @@ class _Loop:
         # The first step whose loss was not finite, or -1; kept on the device and read
         # only every SYNC_EVERY steps, at checkpoints and at epoch ends.
         self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
+        # Fault injection for the restart test (tests/test_distributed.py): this rank dies
+        # abruptly after that step, on torchrun's first attempt only.
+        kill_at = os.environ.get("ALEXNET_FAULT_KILL_AT_STEP", "")
+        self.kill_at = int(kill_at) if kill_at.isdigit() and dist.rank == int(os.environ.get("ALEXNET_FAULT_RANK", "1")) else -1
 
     # -- checkpoints ----------------------------------------------------------------
 
@@ -512,6 +592,9 @@ class _Loop:
         totals = EpochTotals.from_state_dict(state.get("partial"), self.device, path)
         if totals.batches != batch:
             raise AlexNetError(f"checkpoint {path} is malformed: its batch count disagrees with its partial sums")
+        if not self.dist.is_main:  # the saved sums are over all ranks: rank 0 carries them on
+            totals.loss_sum.zero_(), totals.wrong.zero_()
+            totals.seen = 0
         self._restore_rng(state.get("rng"), path, epoch, batch)
         log.info("resuming %s in epoch %d after batch %d (step %d)", self.run_dir, epoch + 1, batch, self.step)
         return epoch, totals
@@ -519,13 +602,24 @@ class _Loop:
     def _restore_rng(self, rng: Any, path: Path, epoch: int, batch: int) -> None:
         if not isinstance(rng, dict):
             raise AlexNetError(f"checkpoint {path} is malformed: a mid-epoch checkpoint without random states")
+        if rng.get("world_size", 1) != self.dist.world_size or self.dist.active:
+            # The augmentation generator is the same on every rank and for any world size;
+            # dropout's is per rank and only rank 0's was saved: reseeded per rank.
+            if rng.get("device") == self.device.type:
+                self._set_augment_state(rng, path)
+                seed = _seed_for(self.cfg.run.seed, epoch) + 2 * batch + _rank_offset(self.dist)
+                torch.manual_seed(seed)
+                if rng.get("world_size", 1) != self.dist.world_size:
+                    log.warning("checkpoint written by %d ranks, resumed with %d: dropout reseeded, the run is not bit-exact",
+                                rng.get("world_size", 1), self.dist.world_size)
+                return
         if rng.get("device") != self.device.type:
             # CPU and CUDA generators have different state formats; the run cannot be exact
             # across devices anyway (other kernels), so continue with a fresh seed.
             log.warning("checkpoint written on %s, resumed on %s: random state reseeded, the run is not bit-exact",
                         rng.get("device"), self.device.type)
             seed = _seed_for(self.cfg.run.seed, epoch) + 2 * batch
-            torch.manual_seed(seed)
+            torch.manual_seed(seed + _rank_offset(self.dist))
             self.augment_gen.manual_seed(seed + 1)
             return
         try:
@@ -536,9 +630,17 @@ class _Loop:
         except (KeyError, TypeError, RuntimeError) as e:
             raise AlexNetError(f"checkpoint {path} is malformed: bad random state ({e})") from None
 
+    def _set_augment_state(self, rng: dict[str, Any], path: Path) -> None:
+        try:
+            self.augment_gen.set_state(rng["augment"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise AlexNetError(f"checkpoint {path} is malformed: bad random state ({e})") from None
+
     def _check_finite(self, epoch: int, params_too: bool) -> None:
         """Raise if a loss (or, before a checkpoint, a weight) became NaN or inf. One host sync."""
-        first = int(self.first_nonfinite)
+        # The maximum over ranks: every rank takes the same decision (one raising alone would
+        # leave the others waiting in their next collective). -1 < any step number.
+        first = int(self.dist.all_reduce_max(self.first_nonfinite.clone()))
         what = f"training loss became non-finite at step {first} (epoch {epoch + 1})"
         if first < 0 and params_too:
             if bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
@@ -551,9 +653,29 @@ class _Loop:
             "optim.skip_nonfinite=true to skip such batches"
         )
 
+    def global_totals(self, totals: EpochTotals) -> EpochTotals:
+        """The epoch's sums over all ranks (totals itself with one rank). A collective: every rank calls it."""
+        if not self.dist.active:
+            return totals
+        seen = torch.tensor(totals.seen, device=self.device)
+        return dataclasses.replace(
+            totals,
+            loss_sum=self.dist.all_reduce_sum(totals.loss_sum.clone()),
+            wrong=self.dist.all_reduce_sum(totals.wrong.clone()),
+            seen=int(self.dist.all_reduce_sum(seen)),
+        )
+
     def save(self, epoch_done: int, totals: EpochTotals | None, metrics: dict[str, Any] | None = None, best: bool = False) -> Path:
-        """Checkpoint at a batch boundary (``totals``: inside an epoch) or at an epoch end."""
+        """Checkpoint at a batch boundary (``totals``: inside an epoch) or at an epoch end.
+
+        Every rank calls it (the partial sums are reduced over ranks); rank 0 writes.
+        """
+        if totals is not None:
+            totals = self.global_totals(totals)
+        if not self.dist.is_main:
+            return self.run_dir / "last.pt"
         rng: dict[str, Any] = {
+            "world_size": self.dist.world_size,
             "device": self.device.type,
             "torch": torch.get_rng_state(),
             "augment": self.augment_gen.get_state(),
@@ -608,13 +730,22 @@ class _Loop:
             totals.batches += 1
             _report_skipped(batch.skipped, self.reported)
             stepped = False
-            if len(batch.labels):
+            stop = self.stop is not None and self.stop.signum is not None
+            usable = len(batch.labels) > 0
+            if self.dist.active:
+                # All ranks must take every step together (DDP) and stop at the same batch:
+                # one all-reduce of two flags per step, whose read-back is a host sync.
+                flags = torch.tensor([int(not usable), int(stop)], device=self.device)
+                empty_somewhere, stop = (bool(f) for f in self.dist.all_reduce_max(flags).tolist())
+                usable = not empty_somewhere
+            if usable:
                 stepped = self._step(batch, totals, epoch)
+                if stepped and self.step == self.kill_at and distributed.restart_count() == 0:
+                    os._exit(17)
             if stepped and self.step % SYNC_EVERY == 0:
                 self._check_finite(epoch, params_too=False)
                 if cfg.run.progress and totals.seen:
                     bar.set_postfix(loss=f"{totals.loss_sum.item() / totals.seen:.3f}")
-            stop = self.stop is not None and self.stop.signum is not None
             if stop or (stepped and every and self.step % every == 0):
                 totals.seconds += time.perf_counter() - start
                 self._check_finite(epoch, params_too=True)
@@ -648,12 +779,16 @@ class _Loop:
         totals.seen += len(labels)
         return True
 
-    def end_epoch(self, epoch: int, totals: EpochTotals, val_loader: Any, run_log: RunLog) -> None:
+    def end_epoch(self, epoch: int, totals: EpochTotals, val_loader: Any, run_log: RunLog | None) -> None:
         """Validate, step the schedule, append the metrics row and checkpoint."""
+        totals = self.global_totals(totals)
         if totals.seen == 0:
             raise AlexNetError("no training image could be decoded in this epoch")
         self._check_finite(epoch, params_too=True)
-        results, skipped = evaluate([self.model], [self.pre], val_loader, self.device, ten=False)
+        # Each rank evaluates its share of the validation set; the counts are summed.
+        results, skipped = evaluate(
+            [self.model], [self.pre], val_loader, self.device, ten=False, reduce=self.dist.all_reduce_sum
+        )
         val = results["centre"]
         _report_skipped(skipped, self.reported)
         lr_before = self.optimizer.param_groups[0]["lr"]
@@ -673,7 +808,8 @@ class _Loop:
         # The row goes out before the checkpoint: a crash in between leaves a row for an
         # epoch the checkpoint has not got, which resume drops and redoes. The other
         # order would lose the row for good.
-        run_log.epoch(row)
+        if run_log is not None:
+            run_log.epoch(row)
         improved = val.top1_error < self.best
         self.best = min(self.best, val.top1_error)
         self.save(epoch + 1, None, metrics=row, best=improved)
