@@ -31,7 +31,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alexnet", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="alexnet",
+        description="AlexNet (Krizhevsky, Sutskever & Hinton 2012): train, evaluate, inspect and deploy.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
