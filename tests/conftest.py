@@ -9,6 +9,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# A network small enough to train in a second: 32 px images, 28 px crops.
+# Command-line options shared by the end-to-end tests (test_cli, test_distributed).
+TINY = [
+    "--set", "data.image_size=32",
+    "--set", "data.crop_size=28",
+    "--set", "model.width=0.125",
+    "--set", "model.fc_width=32",
+    "--set", "model.conv1_kernel=5",
+    "--set", "model.conv1_stride=1",
+    "--set", "model.init=kaiming",
+    "--set", "data.normalize=mean-image-std",
+    "--batch-size", "16",
+    "--workers", "0",
+    "--no-progress",
+]  # fmt: skip
+
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:

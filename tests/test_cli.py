@@ -9,21 +9,8 @@ import torch
 
 from alexnet.cli import main
 from alexnet.synthetic import make_shapes_dataset
+from conftest import TINY
 
-# A network small enough to train in a second: 32 px images, 28 px crops.
-TINY = [
-    "--set", "data.image_size=32",
-    "--set", "data.crop_size=28",
-    "--set", "model.width=0.125",
-    "--set", "model.fc_width=32",
-    "--set", "model.conv1_kernel=5",
-    "--set", "model.conv1_stride=1",
-    "--set", "model.init=kaiming",
-    "--set", "data.normalize=mean-image-std",
-    "--batch-size", "16",
-    "--workers", "0",
-    "--no-progress",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

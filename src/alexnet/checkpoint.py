@@ -26,6 +26,7 @@ the same bytes, so the history costs no extra writes) that resume falls back on 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -36,6 +37,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import torch
@@ -129,6 +131,28 @@ def _write_error(path: Path, e: OSError) -> AlexNetError:
         reason += " (free space or raise the quota, then resume)"
     previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
     return AlexNetError(f"cannot write checkpoint {path}: {reason}; {previous}")
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path, busy: str) -> Iterator[None]:
+    """Hold an advisory flock on lock_file for the duration, or raise AlexNetError(busy).
+
+    Two writers in one run directory or store would interleave their files. The lock dies
+    with its process, so a killed process never leaves a stale one. Not on Windows (no
+    flock): there the check is skipped.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise AlexNetError(busy) from None
+        yield
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -19,7 +19,6 @@ Images that cannot be decoded are not zero-filled into the data: their slots get
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -36,6 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import __version__, ilsvrc, store
+from .checkpoint import exclusive_lock
 from .data import BadImage, StatsAccumulator, find_splits, load_image, resolve_workers, scan_image_folder
 from .errors import AlexNetError
 
@@ -202,22 +202,6 @@ class PrepareReport:
         }
 
 
-@contextlib.contextmanager
-def _exclusive(dest: Path) -> Iterator[None]:
-    """One prepare per destination at a time (an advisory lock; two writers would corrupt the progress log)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(dest / ".prepare.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise AlexNetError(f"another alexnet prepare is writing {dest}") from None
-        yield
-
-
 def _read_progress(path: Path, params: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
     """Finished chunks recorded by an earlier run with the same parameters; a torn last line is ignored."""
     lines = path.read_text().splitlines()
@@ -291,7 +275,8 @@ def prepare(
         raise AlexNetError(f"{dest} exists and is not an alexnet store; give a new or empty folder")
     dest.mkdir(parents=True, exist_ok=True)
 
-    with _exclusive(dest):
+    # One prepare per destination at a time: two writers would corrupt the progress log.
+    with exclusive_lock(dest / ".prepare.lock", f"another alexnet prepare is writing {dest}"):
         progress_path = dest / store.PROGRESS
         done = _read_progress(progress_path, params) if progress_path.is_file() else {}
         if not progress_path.is_file():

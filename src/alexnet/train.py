@@ -50,7 +50,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from . import config as config_lib
 from . import distributed
 from .augment import Preprocess, make_preprocess
-from .checkpoint import load_for_resume, model_from_checkpoint, save_run_checkpoint
+from .checkpoint import exclusive_lock, load_for_resume, model_from_checkpoint, save_run_checkpoint
 from .config import Config
 from .data import DataStats, EpochBatchSampler
 from .distributed import SINGLE, Dist
@@ -198,26 +198,11 @@ def _log_file(run_dir: Path) -> Iterator[None]:
         handler.close()
 
 
-@contextlib.contextmanager
-def _exclusive(run_dir: Path) -> Iterator[None]:
-    """Refuse a second process training in the same run directory.
-
-    A requeued job whose first incarnation still runs would otherwise interleave two
-    runs' checkpoints and metrics. The lock (flock on run_dir/.lock) dies with its
-    process, so a killed run never leaves a stale one.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows has no flock; the check is skipped there
-        yield
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise AlexNetError(f"{run_dir} is in use by another alexnet process; wait for it to end or stop it first") from None
-        yield
+def _run_lock(run_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """One trainer per run directory: a requeued job whose first incarnation still runs
+    would otherwise interleave two runs' checkpoints and metrics."""
+    busy = f"{run_dir} is in use by another alexnet process; wait for it to end or stop it first"
+    return exclusive_lock(run_dir / ".lock", busy)
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
@@ -374,7 +359,7 @@ def _resume(run_dir: Path, d: Dist, changes: dict[str, Any]) -> Path:
 def _rank_zero_owns(run_dir: Path, d: Dist) -> Iterator[None]:
     """Rank 0 holds the run-directory lock and writes log.txt; the other ranks log warnings only."""
     if d.is_main:
-        with _exclusive(run_dir), _log_file(run_dir):
+        with _run_lock(run_dir), _log_file(run_dir):
             yield
         return
     level = log.level
