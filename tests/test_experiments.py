@@ -279,6 +279,48 @@ def test_ablations_reduced_table_seeds_and_rerun(
     assert "holds a ablations run with other settings" in capsys.readouterr().err
 
 
+def _run_results(out: Path) -> dict[str, dict]:
+    timing = ("seconds", "images_per_s", "concurrent_runs")
+    return {
+        p.stem: {k: v for k, v in json.loads(p.read_text()).items() if k not in timing} for p in (out / "runs").glob("*.json")
+    }
+
+
+def test_jobs_in_worker_processes_give_the_sequential_results(
+    cifar_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # Each run is seeded on its own, so where it runs must not matter. One torch thread in
+    # both cases, as each of two workers gets on two cores: the same arithmetic, bit for bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        argv = ["experiment", "relu-vs-tanh", "--data", str(cifar_tree), "--reduced", "--device", "cpu"]
+        assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert main([*argv, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = _run_results(tmp_path / "one"), _run_results(tmp_path / "two")
+    assert len(one) == 6 and one == two
+    # Every worker's metric rows reached the shared file, each under its run's name.
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["run"] for r in rows} == set(two)
+    assert all(json.loads(p.read_text())["concurrent_runs"] == 2 for p in (tmp_path / "two" / "runs").glob("sweep-*.json"))
+    assert "[sweep-relu-lr0.01] started in process" in (tmp_path / "two" / "log.txt").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "three"), "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_figure1_net_paper_init() -> None:
+    torch.manual_seed(0)
+    net = Figure1Net("tanh", init="paper")
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    for m in convs:
+        assert float(m.weight.detach().std()) == pytest.approx(0.01, rel=0.1) and not m.bias.any()
+    with pytest.raises(AlexNetError, match="init must be he or paper"):
+        Figure1Net("relu", init="xavier")
+
+
 def test_experiment_without_data_is_a_clean_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -2,4 +2,7 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+# Guarded: worker processes started with "spawn" (experiment --jobs, DataLoader workers)
+# import this module as __mp_main__ and must not run the command again.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -198,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--variants", help="ablations: comma-separated variants (default: all)")
     x.add_argument("--width", type=float, help="ablations: conv width relative to the paper's 96-256-384-384-256")
     x.add_argument("--fc-width", type=int, help="ablations: fc6 and fc7 units")
+    x.add_argument(
+        "--init",
+        choices=("he", "paper"),
+        help="relu-vs-tanh: He-normal weights on unit-scale input (default), or the paper's N(0, 0.01) on raw pixels",
+    )
+    x.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="training runs at once, each in its own process (default 1); small nets leave a GPU idle, "
+        "so several runs at once finish sooner",
+    )
     x.add_argument("--lr", type=float, help="ablations: learning rate")
     return parser
 
@@ -567,10 +579,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         "width": args.width,
         "fc_width": args.fc_width,
         "lr": args.lr,
+        "init": args.init,
     }
+    if args.jobs < 1:
+        raise AlexNetError(f"--jobs must be at least 1; got {args.jobs}")
     settings = resolve_settings(args.name, args.reduced, overrides)
     out = args.out or str(Path("runs") / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = run_experiment(args.name, args.data, out, settings, resolve_device(args.device), args.command_line)
+    run_dir = run_experiment(
+        args.name, args.data, out, settings, resolve_device(args.device), args.command_line, workers=args.jobs
+    )
     print((run_dir / "summary.md").read_text(), end="")
     print(f"run directory: {run_dir}")
     return 0

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,15 +78,22 @@ class Figure1Net(nn.Module):
     the net within the paper's own vocabulary and changes nothing the comparison depends
     on, since both activations get the same net. No LRN, dropout or weight decay: the
     figure used no regularisation. Convolution weights are He-normal with the gain of the
-    activation (sqrt(2) for ReLU, 5/3 for tanh), so neither starts saturated or dead.
+    activation (sqrt(2) for ReLU, 5/3 for tanh), so neither starts saturated or dead;
+    ``init="paper"`` draws them from the paper's N(0, 0.01) instead (for raw-scale input).
     """
 
     def __init__(
-        self, activation: str = "relu", num_classes: int = 10, widths: tuple[int, int, int] = (32, 32, 64)
+        self,
+        activation: str = "relu",
+        num_classes: int = 10,
+        widths: tuple[int, int, int] = (32, 32, 64),
+        init: str = "he",
     ) -> None:
         super().__init__()
         if activation not in ("relu", "tanh"):
             raise AlexNetError(f"activation must be relu or tanh; got {activation!r}")
+        if init not in ("he", "paper"):
+            raise AlexNetError(f"init must be he or paper; got {init!r}")
         self.activation = activation
         act = nn.ReLU if activation == "relu" else nn.Tanh
         c1, c2, c3 = widths
@@ -96,7 +105,10 @@ class Figure1Net(nn.Module):
         self.classifier = nn.Linear(c3 * 3 * 3, num_classes)  # 576 -> 10
         for m in self.features:
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity=activation)
+                if init == "he":
+                    nn.init.kaiming_normal_(m.weight, nonlinearity=activation)
+                else:  # the paper's section 5, with zero biases (it gives no bias rule for Figure 1)
+                    nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
         # The output layer takes the paper's N(0, 0.01), which keeps both nets' starting loss
         # near the chance level ln 10 = 2.30 (measured on unit-scale noise, three seeds:
@@ -315,19 +327,55 @@ class RunDir:
         log.removeHandler(self.handler)
         self.handler.close()
 
-    def metric(self, row: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    def run_all(self, fn: Callable[..., dict[str, Any]], shared: tuple, jobs: dict[str, Any], device: torch.device, workers: int = 1) -> dict[str, dict[str, Any]]:
+        """The result of each training run in ``jobs`` (name -> job), in that order: read back
+        if it finished before, else ``fn(job, *shared, device=..., on_row=...)``.
 
-    def cached(self, name: str, run: Callable[[Callable[[dict[str, float]], None]], dict[str, Any]]) -> dict[str, Any]:
-        """The result of training run ``name``: read back if it finished before, else run it.
-        ``run`` receives a callback that records each metrics row under the run's name."""
+        ``workers`` > 1 trains that many runs at once, each in its own process (and CUDA
+        context). The paper-sized nets here are small: one run at batch 128 leaves an H100
+        mostly idle between kernel launches, so concurrent runs add throughput (the GPU
+        interleaves their kernels) where a bigger batch would change the experiment. ``fn``
+        and ``shared`` are pickled to the workers; tensors travel through shared memory.
+        """
+        results: dict[str, dict[str, Any]] = {}
+        todo: dict[str, Any] = {}
+        for name, job in jobs.items():
+            path = self.runs / f"{name}.json"
+            if path.exists():
+                log.info("%s: finished before, reusing %s", name, path)
+                results[name] = json.loads(path.read_text())
+            else:
+                todo[name] = job
+        if workers <= 1 or len(todo) <= 1:
+            for name, job in todo.items():
+                log.info("%s", name)
+                on_row = functools.partial(_append_metric, self.metrics_path, name)
+                results[name] = self._save(name, fn(job, *shared, device=device, on_row=on_row))
+        else:
+            workers = min(workers, len(todo))
+            # CPU runs share the cores; a GPU run's process needs one thread to launch kernels.
+            threads = max(1, (os.cpu_count() or 1) // workers) if device.type == "cpu" else 1
+            log.info("%d runs in %d worker processes: %s", len(todo), workers, ", ".join(todo))
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=torch.multiprocessing.get_context("spawn"),  # CUDA cannot be forked
+                initializer=_worker_init,
+                initargs=(fn, shared, str(device), str(self.metrics_path), str(self.out / "log.txt"), threads),
+            )
+            try:
+                futures = {pool.submit(_worker_run, name, job): name for name, job in todo.items()}
+                for future in as_completed(futures):
+                    name = futures[future]
+                    results[name] = self._save(name, {**future.result(), "concurrent_runs": workers})
+                    log.info("%s: finished (%d of %d)", name, sum(n in results for n in todo), len(todo))
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)  # runs not started are dropped
+                raise
+            pool.shutdown()
+        return {name: results[name] for name in jobs}
+
+    def _save(self, name: str, result: dict[str, Any]) -> dict[str, Any]:
         path = self.runs / f"{name}.json"
-        if path.exists():
-            log.info("%s: finished before, reusing %s", name, path)
-            return json.loads(path.read_text())
-        log.info("%s", name)
-        result = run(lambda row: self.metric({"run": name, **row}))
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, path)
@@ -336,6 +384,42 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any], markdown: str) -> None:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.out / "summary.md").write_text(markdown)
+
+
+def _append_metric(path: Path, run: str, row: dict[str, float]) -> None:
+    # One short line per append: concurrent workers' lines do not interleave (O_APPEND).
+    with open(path, "a") as f:
+        f.write(json.dumps({"run": run, **row}) + "\n")
+
+
+_WORKER: dict[str, Any] = {}  # what _worker_init gives each worker process
+
+
+class _RunName(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.run = _WORKER.get("name", "-")
+        return True
+
+
+def _worker_init(
+    fn: Callable[..., dict[str, Any]], shared: tuple, device: str, metrics: str, log_file: str, threads: int
+) -> None:
+    torch.set_num_threads(threads)
+    formatter = logging.Formatter("%(asctime)s [%(run)s] %(message)s")
+    for handler in (logging.StreamHandler(), logging.FileHandler(log_file)):
+        handler.setFormatter(formatter)
+        handler.addFilter(_RunName())
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    _WORKER.update(fn=fn, shared=shared, device=torch.device(device), metrics=Path(metrics))
+
+
+def _worker_run(name: str, job: Any) -> dict[str, Any]:
+    w = _WORKER
+    w["name"] = name
+    log.info("started in process %d", os.getpid())
+    on_row = functools.partial(_append_metric, w["metrics"], name)
+    return w["fn"](job, *w["shared"], device=w["device"], on_row=on_row)
 
 
 def _plt() -> Any:
@@ -377,6 +461,9 @@ class ReluTanhSettings:
     windows_per_epoch: int = 10  # training error recorded every tenth of an epoch
     batch_size: int = 128
     sweep_seed: int = 1000  # trials use their own seed, so the final runs are fresh draws
+    # "he": He-normal convolutions on unit-scale input (neither activation starts saturated);
+    # "paper": the paper's N(0, 0.01) weights on mean-subtracted raw pixels.
+    init: str = "he"
 
 
 REDUCED_RELU_TANH = ReluTanhSettings(
@@ -384,7 +471,54 @@ REDUCED_RELU_TANH = ReluTanhSettings(
 )
 
 
-def relu_vs_tanh(train: ArraySplit, settings: ReluTanhSettings, device: torch.device, run: RunDir) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Figure1Job:
+    activation: str
+    lr: float
+    epochs: int
+    seed: int
+
+
+def figure1_run(
+    job: Figure1Job,
+    train: ArraySplit,
+    pre: Preprocess,
+    base: Recipe,
+    target: float,
+    init: str,
+    *,
+    device: torch.device,
+    on_row: Callable[[dict[str, float]], None],
+) -> dict[str, Any]:
+    """One training run of Figure 1's network (module level, so worker processes can run it)."""
+    torch.manual_seed(job.seed)
+    model = Figure1Net(job.activation, len(train.classes), init=init).to(device)
+    r = fit(
+        model,
+        train,
+        pre.to(device),
+        dataclasses.replace(base, lr=job.lr, epochs=job.epochs),
+        seed=job.seed,
+        device=device,
+        on_row=on_row,
+    )
+    return {
+        "activation": job.activation,
+        "lr": job.lr,
+        "seed": job.seed,
+        "epochs_to_target": epochs_to(r.rows, target),
+        "max_epochs": job.epochs,
+        "diverged": r.diverged,
+        "final_train_error": r.final_train_error,
+        "seconds": r.seconds,
+        "images_per_s": r.images / r.seconds if r.seconds else math.nan,
+        "curve": [[row["epoch"], row["train_error"]] for row in r.rows],
+    }
+
+
+def relu_vs_tanh(
+    train: ArraySplit, settings: ReluTanhSettings, device: torch.device, run: RunDir, workers: int = 1
+) -> dict[str, Any]:
     """The Figure 1 experiment; returns the summary (also written to the run directory)."""
     train = train.subset(settings.subset)
     base = Recipe(
@@ -393,46 +527,28 @@ def relu_vs_tanh(train: ArraySplit, settings: ReluTanhSettings, device: torch.de
         batch_size=settings.batch_size,
         windows_per_epoch=settings.windows_per_epoch,
         stop_at_error=settings.target,
+        # He init expects unit-scale input; the paper's N(0, 0.01) goes with its preprocessing,
+        # the mean image subtracted from raw 0-255 pixels.
+        normalize="mean-image" if settings.init == "paper" else "mean-image-std",
     )  # no weight decay, dropout, cropping, reflections or lighting: "no regularization"
-    pre = make_pre(split_stats(train), base).to(device)
-
-    def one(activation: str, lr: float, epochs: int, seed: int) -> Callable[[Callable], dict[str, Any]]:
-        def go(on_row: Callable) -> dict[str, Any]:
-            torch.manual_seed(seed)
-            model = Figure1Net(activation, len(train.classes)).to(device)
-            r = fit(
-                model,
-                train,
-                pre,
-                dataclasses.replace(base, lr=lr, epochs=epochs),
-                seed=seed,
-                device=device,
-                on_row=on_row,
-            )
-            return {
-                "activation": activation,
-                "lr": lr,
-                "seed": seed,
-                "epochs_to_target": epochs_to(r.rows, settings.target),
-                "max_epochs": epochs,
-                "diverged": r.diverged,
-                "final_train_error": r.final_train_error,
-                "seconds": r.seconds,
-                "images_per_s": r.images / r.seconds if r.seconds else math.nan,
-                "curve": [[row["epoch"], row["train_error"]] for row in r.rows],
-            }
-
-        return go
-
+    shared = (train, make_pre(split_stats(train), base), base, settings.target, settings.init)
+    acts = ("relu", "tanh")
+    trials = run.run_all(
+        figure1_run,
+        shared,
+        {
+            f"sweep-{act}-lr{lr:g}": Figure1Job(act, lr, settings.sweep_epochs, settings.sweep_seed)
+            for act in acts
+            for lr in settings.lrs
+        },
+        device,
+        workers,
+    )
     sweep: dict[str, list[dict[str, Any]]] = {}
     chosen: dict[str, float] = {}
-    for act in ("relu", "tanh"):
-        trials = [
-            run.cached(f"sweep-{act}-lr{lr:g}", one(act, lr, settings.sweep_epochs, settings.sweep_seed))
-            for lr in settings.lrs
-        ]
-        sweep[act] = trials
-        usable = [t for t in trials if not t["diverged"] and math.isfinite(t["final_train_error"])]
+    for act in acts:
+        sweep[act] = [trials[f"sweep-{act}-lr{lr:g}"] for lr in settings.lrs]
+        usable = [t for t in sweep[act] if not t["diverged"] and math.isfinite(t["final_train_error"])]
         if not usable:
             raise AlexNetError(f"every learning rate in {settings.lrs} diverged for {act}; try smaller ones with --lrs")
         # Fastest: fewest epochs to the target; among trials that did not get there, the
@@ -441,10 +557,14 @@ def relu_vs_tanh(train: ArraySplit, settings: ReluTanhSettings, device: torch.de
         chosen[act] = best["lr"]
         log.info("%s: learning rate %g chosen from %s", act, best["lr"], ", ".join(f"{x:g}" for x in settings.lrs))
 
-    finals = {
-        act: [run.cached(f"{act}-seed{s}", one(act, chosen[act], settings.epochs, s)) for s in range(settings.seeds)]
-        for act in ("relu", "tanh")
-    }
+    done = run.run_all(
+        figure1_run,
+        shared,
+        {f"{act}-seed{s}": Figure1Job(act, chosen[act], settings.epochs, s) for act in acts for s in range(settings.seeds)},
+        device,
+        workers,
+    )
+    finals = {act: [done[f"{act}-seed{s}"] for s in range(settings.seeds)] for act in acts}
     summary = _relu_tanh_summary(settings, train, chosen, sweep, finals, run)
     _plot_figure1(finals, settings, run.out / "figure1.png")
     run.write_summary(summary, _relu_tanh_markdown(summary))
@@ -537,7 +657,8 @@ def _relu_tanh_markdown(s: dict[str, Any]) -> str:
         "",
         f"Command: `{env['command']}`  ",
         f"Device: {env['device']}; torch {env['torch']}; {env['date']}.  ",
-        f"Training images: {s['training_images']:,}; target training error {100 * s['target_train_error']:.0f}%.",
+        f"Training images: {s['training_images']:,}; target training error {100 * s['target_train_error']:.0f}%; "
+        f"initialisation {s['settings'].get('init', 'he')}.",
         "",
         "| activation | learning rate (chosen) | epochs to target, per seed | mean +- std | images/s |",
         "|---|---|---|---|---|",
@@ -620,7 +741,7 @@ TEN_PATCH_CLAIM = "ten patches lower top-1 from 39.0 to 37.5 (ILSVRC-2010 test)"
 class AblationSettings:
     subset: int = 0  # training images (balanced); 0: all 50,000
     test_subset: int = 0  # test images; 0: all 10,000
-    epochs: int = 40
+    epochs: int = 30
     seeds: int = 3
     width: float = 0.5  # conv widths 48-128-192-192-128 (the paper's x 0.5)
     fc_width: int = 1024
@@ -681,57 +802,66 @@ def ablation_recipe(settings: AblationSettings, variant: Variant) -> Recipe:
     )
 
 
+@dataclass(frozen=True)
+class AblationJob:
+    variant: str
+    seed: int
+
+
+def ablation_run(
+    job: AblationJob,
+    train: ArraySplit,
+    test: ArraySplit,
+    stats: DataStats,
+    settings: AblationSettings,
+    *,
+    device: torch.device,
+    on_row: Callable[[dict[str, float]], None],
+) -> dict[str, Any]:
+    """Train one variant with one seed and test it (module level, so worker processes can run it)."""
+    name, variant = job.variant, VARIANTS[job.variant]
+    recipe = ablation_recipe(settings, variant)
+    pre = make_pre(stats, recipe).to(device)
+    torch.manual_seed(job.seed)
+    model = create_model("paper", len(train.classes), **ablation_model_options(settings, variant)).to(device)
+    r = fit(model, train, pre, recipe, seed=job.seed, device=device, on_row=on_row)
+    if r.diverged:
+        raise AlexNetError(f"{name} seed {job.seed} diverged (loss {r.rows[-1]['train_loss']}); lower --lr")
+    errors = evaluate_split(model, pre, test, device, ten=name == "baseline")
+    out = {
+        "variant": name,
+        "seed": job.seed,
+        "parameters": count_parameters(model),
+        "final_train_error": r.final_train_error,
+        "test_top1_error": errors["centre"].top1_error,
+        "test_top5_error": errors["centre"].top5_error,
+        "test_images": errors["centre"].images,
+        "seconds": r.seconds,
+        "images_per_s": r.images / r.seconds if r.seconds else math.nan,
+    }
+    if "ten_patches" in errors:
+        out["ten_top1_error"] = errors["ten_patches"].top1_error
+        out["ten_top5_error"] = errors["ten_patches"].top5_error
+    log.info("  %s seed %d: test top-1 error %.2f%%", name, job.seed, 100 * out["test_top1_error"])
+    return out
+
+
 def ablations(
-    train: ArraySplit, test: ArraySplit, settings: AblationSettings, device: torch.device, run: RunDir
+    train: ArraySplit,
+    test: ArraySplit,
+    settings: AblationSettings,
+    device: torch.device,
+    run: RunDir,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """The ablation experiment; returns the summary (also written to the run directory)."""
     unknown = [v for v in settings.variants if v not in VARIANTS]
     if unknown:
         raise AlexNetError(f"unknown ablation variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     train, test = train.subset(settings.subset), test.subset(settings.test_subset)
-    stats = split_stats(train)
-    results: dict[str, list[dict[str, Any]]] = {}
-    for name in settings.variants:
-        variant = VARIANTS[name]
-        recipe = ablation_recipe(settings, variant)
-        pre = make_pre(stats, recipe).to(device)
-        options = ablation_model_options(settings, variant)
-
-        def go(
-            on_row: Callable,
-            seed: int,
-            name: str = name,
-            recipe: Recipe = recipe,
-            pre: Preprocess = pre,
-            options: dict = options,
-        ) -> dict[str, Any]:
-            torch.manual_seed(seed)
-            model = create_model("paper", len(train.classes), **options).to(device)
-            r = fit(model, train, pre, recipe, seed=seed, device=device, on_row=on_row)
-            if r.diverged:
-                raise AlexNetError(f"{name} seed {seed} diverged (loss {r.rows[-1]['train_loss']}); lower --lr")
-            errors = evaluate_split(model, pre, test, device, ten=name == "baseline")
-            out = {
-                "variant": name,
-                "seed": seed,
-                "parameters": count_parameters(model),
-                "final_train_error": r.final_train_error,
-                "test_top1_error": errors["centre"].top1_error,
-                "test_top5_error": errors["centre"].top5_error,
-                "test_images": errors["centre"].images,
-                "seconds": r.seconds,
-                "images_per_s": r.images / r.seconds if r.seconds else math.nan,
-            }
-            if "ten_patches" in errors:
-                out["ten_top1_error"] = errors["ten_patches"].top1_error
-                out["ten_top5_error"] = errors["ten_patches"].top5_error
-            log.info("  %s seed %d: test top-1 error %.2f%%", name, seed, 100 * out["test_top1_error"])
-            return out
-
-        results[name] = [
-            run.cached(f"{name}-seed{seed}", lambda on_row, seed=seed, go=go: go(on_row, seed))
-            for seed in range(settings.seeds)
-        ]
+    jobs = {f"{v}-seed{seed}": AblationJob(v, seed) for v in settings.variants for seed in range(settings.seeds)}
+    done = run.run_all(ablation_run, (train, test, split_stats(train), settings), jobs, device, workers)
+    results = {v: [done[f"{v}-seed{seed}"] for seed in range(settings.seeds)] for v in settings.variants}
     summary = _ablation_summary(settings, train, test, results, run)
     _plot_ablations(summary, run.out / "ablations.png")
     run.write_summary(summary, _ablation_markdown(summary))
@@ -927,6 +1057,8 @@ def resolve_settings(name: str, reduced: bool, overrides: dict[str, Any]) -> Rel
             )
     if "lrs" in fields and (not settings.lrs or any(lr <= 0 for lr in settings.lrs)):
         raise AlexNetError(f"--lrs must list positive learning rates; got {settings.lrs}")
+    if "init" in fields and settings.init not in ("he", "paper"):
+        raise AlexNetError(f"--init must be he or paper; got {settings.init!r}")
     if "lr" in fields and settings.lr <= 0:
         raise AlexNetError(f"--lr must be positive; got {settings.lr}")
     if "width" in fields and not 0 < settings.width <= 4:
@@ -947,6 +1079,7 @@ def run_experiment(
     settings: ReluTanhSettings | AblationSettings,
     device: torch.device,
     command: str = "",
+    workers: int = 1,
 ) -> Path:
     """Load CIFAR-10, run experiment ``name`` into ``out`` and return the run directory.
     ``command`` is the command line, recorded with the results."""
@@ -968,9 +1101,9 @@ def run_experiment(
     )
     try:
         if name == "relu-vs-tanh":
-            relu_vs_tanh(train, settings, device, run)
+            relu_vs_tanh(train, settings, device, run, workers)
         else:
-            ablations(train, test, settings, device, run)
+            ablations(train, test, settings, device, run, workers)
     finally:
         run.close()
     return Path(out)

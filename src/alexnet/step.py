@@ -174,6 +174,11 @@ class TrainStep:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if options.amp == "fp16" else None
+        if device.type == "cuda":
+            # Every step has the same shapes, so cuDNN's one-off timing of its convolution
+            # algorithms pays back from the second step on (grouped and 11x11/4 convs
+            # especially, whose heuristic choice is not always the fastest).
+            torch.backends.cudnn.benchmark = True
         if options.flush_denormal and not torch.set_flush_denormal(True):
             log.warning("this CPU cannot flush denormal floats to zero; training may slow down when they appear")
         self.ddp: nn.parallel.DistributedDataParallel | None = None
