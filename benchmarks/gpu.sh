@@ -23,8 +23,11 @@ timeout 150 python3 -m alexnet bench --model torchvision --images 20000 --batch-
 # 3. The step's switches, interleaved with the reference step (eager; the benches above time compile).
 timeout 60 python3 benchmarks/step_options.py --device cuda --batch-size 256 --rounds 20 --amp off,bf16 \
     --json "$OUT/h100-step-options.json" 2>&1 | tail -n 20
-# 4. The default test suite plus the GPU tests, on this machine's torch (compatibility);
-#    the serving tests need fastapi, which this machine does not have.
-timeout "${TEST_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider -m "not slow" \
-    --ignore=tests/test_serve.py --ignore=tests/test_serve_browser.py > "$OUT/gpu-pytest.txt" 2>&1
+# 4. The GPU tests, then the default suite on the CPU (CUDA hidden, as in CI) for this
+#    machine's torch: with CUDA visible, tests that train with --device auto compile on the
+#    GPU and the suite ran out of time (18 tests in 100 s, 2026-11-24). The serving tests
+#    need fastapi, which this machine does not have.
+timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu > "$OUT/gpu-pytest.txt" 2>&1
+CUDA_VISIBLE_DEVICES= timeout "${TEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -n 4 -m "not slow" \
+    --ignore=tests/test_serve.py --ignore=tests/test_serve_browser.py >> "$OUT/gpu-pytest.txt" 2>&1
 tail -n 25 "$OUT/gpu-pytest.txt"

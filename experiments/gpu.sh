@@ -24,10 +24,13 @@ SMI=$!
         --init paper --out $E/relu-vs-tanh-paper-init
 ) > "$OUT/relu-vs-tanh.log" 2>&1 &
 RT=$!
+# Pack what has finished every minute: a call that ends early still brings back its runs.
+( while sleep 60; do tar czf "$OUT/exp.tgz.part" -C /tmp exp 2>/dev/null && mv "$OUT/exp.tgz.part" "$OUT/exp.tgz"; done ) &
+PACK=$!
 timeout "$(left)" python3 -m alexnet experiment ablations --data $DATA --device cuda --jobs "${AB_JOBS:-12}" \
     --out $E/ablations > "$OUT/ablations.log" 2>&1
 wait $RT
 sleep 1
-pkill -f 'multiprocessing.spawn' ; kill $SMI
+pkill -f 'multiprocessing.spawn' ; kill $SMI $PACK
 tar czf "$OUT/exp.tgz" -C /tmp exp
 tail -n 30 "$OUT/relu-vs-tanh.log" "$OUT/ablations.log"
