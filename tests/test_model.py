@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from alexnet import AlexNetError, LocalResponseNorm, count_parameters, create_model
 from alexnet.model import LRN_CONVENTIONS
@@ -103,6 +104,44 @@ def test_lrn_per_tower_window_stays_inside_each_tower():
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     # Caffe normalises across the tower boundary whatever the grouping.
     assert LocalResponseNorm("caffe", groups=2).groups == 1
+
+
+@pytest.mark.parametrize("convention", ["paper", "cuda-convnet", "caffe"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_training_path_matches_the_formula_and_its_gradient(convention, groups):
+    # With gradients on, the layer runs _LRNFunction; its values must be the numpy formula's
+    # and its hand-written backward autograd's through F.local_response_norm.
+    k, alpha, beta, n, divide, per_tower = LRN_CONVENTIONS[convention]
+    a = np.random.default_rng(2).uniform(0, 30, size=(2, 8, 3, 4))
+    parts = np.split(a, groups if per_tower else 1, axis=1)
+    expected = np.concatenate([_lrn_numpy(p, k, alpha / n if divide else alpha, beta, n) for p in parts], 1)
+    layer = LocalResponseNorm(convention, groups=groups)
+    x = torch.from_numpy(a).requires_grad_()
+    np.testing.assert_allclose(layer(x).detach().numpy(), expected, rtol=1e-10)
+    ga = torch.randn(2, 8, 3, 4, dtype=torch.float64)
+    (got,) = torch.autograd.grad(layer(x), x, ga)
+    ref_x = x.detach().reshape(2 * layer.groups, 8 // layer.groups, 3, 4).requires_grad_()
+    ref = F.local_response_norm(ref_x, n, alpha=layer.alpha, beta=beta, k=k)
+    (want,) = torch.autograd.grad(ref, ref_x, ga.reshape(ref.shape))
+    torch.testing.assert_close(got, want.reshape(2, 8, 3, 4), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [3, 4, 5])
+def test_lrn_function_gradcheck_odd_and_even_windows(size):
+    from alexnet.model import _LRNFunction
+
+    x = (torch.rand(2, 2, 6, 3, 2, dtype=torch.float64) * 4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, size, 0.3, 0.75, 2.0), (x,))
+
+
+def test_lrn_training_path_in_channels_last_float32():
+    x = (torch.rand(4, 16, 7, 7) * 20).contiguous(memory_format=torch.channels_last).requires_grad_()
+    layer = LocalResponseNorm("paper", groups=2)
+    y = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y, layer(x))  # the F.local_response_norm path
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_torchvision_state_dict_loads_and_gives_the_same_logits():
