@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import shlex
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from alexnet.experiments import (
     AblationSettings,
     Figure1Net,
     Recipe,
+    RunDir,
     _verdict,
     ablation_model_options,
     epochs_to,
@@ -309,6 +312,28 @@ def test_jobs_in_worker_processes_give_the_sequential_results(
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "three"), "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def _fail_or_wait(job: str, *, device: torch.device, on_row) -> dict:
+    if job == "bad":
+        raise AlexNetError("bad run diverged")
+    time.sleep(120)  # stands for a long run that must not be waited for
+    return {}
+
+
+def test_a_failed_worker_run_stops_the_others_and_raises(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "x", "ablations", {"a": 1}, {"device": "cpu"})
+    try:
+        with pytest.raises(AlexNetError, match="bad run diverged"):
+            run.run_all(_fail_or_wait, (), {"slow": "slow", "bad": "bad"}, torch.device("cpu"), workers=2)
+    finally:
+        run.close()
+    assert not list((tmp_path / "x" / "runs").glob("*.json"))
+    for _ in range(100):  # terminated, not left to finish their two minutes
+        if not multiprocessing.active_children():
+            break
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()
 
 
 def test_figure1_net_paper_init() -> None:

@@ -369,7 +369,12 @@ class RunDir:
                     results[name] = self._save(name, {**future.result(), "concurrent_runs": workers})
                     log.info("%s: finished (%d of %d)", name, sum(n in results for n in todo), len(todo))
             except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)  # runs not started are dropped
+                # A failed run or Ctrl-C: drop the runs not started and stop the running ones now
+                # (unfinished runs are not kept, so there is nothing to wait for).
+                processes = list((getattr(pool, "_processes", None) or {}).values())
+                pool.shutdown(wait=False, cancel_futures=True)
+                for process in processes:
+                    process.terminate()
                 raise
             pool.shutdown()
         return {name: results[name] for name in jobs}
