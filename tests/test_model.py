@@ -1,5 +1,7 @@
 """The networks against the paper's numbers, a numpy LRN, and torchvision's own AlexNet."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -126,7 +128,7 @@ def test_lrn_training_path_matches_the_formula_and_its_gradient(convention, grou
     torch.testing.assert_close(got, want.reshape(2, 8, 3, 4), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("size", [3, 4, 5])
+@pytest.mark.parametrize("size", [1, 3, 4, 5])
 def test_lrn_function_gradcheck_odd_and_even_windows(size):
     from alexnet.model import _LRNFunction
 
@@ -142,6 +144,30 @@ def test_lrn_training_path_in_channels_last_float32():
         torch.testing.assert_close(y, layer(x))  # the F.local_response_norm path
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_lrn_training_path_under_bf16_autocast_keeps_float32_precision():
+    # The window sum runs in float32 (in bf16, k + sum moves in steps of 1/64): the training
+    # path matches the F.local_response_norm path, which autocast also runs in float32.
+    layer = LocalResponseNorm("paper", groups=2)
+    x = (torch.rand(4, 96, 13, 13) * 20).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        with torch.no_grad():
+            y_inference = layer(x)
+    assert y.dtype == y_inference.dtype == torch.float32
+    torch.testing.assert_close(y, y_inference, rtol=1e-3, atol=1e-5)
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+
+
+def test_lrn_scripts_with_torchscript():
+    layer = LocalResponseNorm("paper", groups=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated upstream
+        scripted = torch.jit.script(layer)
+    x = torch.rand(2, 8, 3, 3) * 20
+    torch.testing.assert_close(scripted(x), layer(x))
 
 
 def test_torchvision_state_dict_loads_and_gives_the_same_logits():

@@ -363,7 +363,8 @@ class RunDir:
         else:
             workers = min(workers, len(todo))
             # CPU runs share the cores; a GPU run's process needs one thread to launch kernels.
-            threads = max(1, (os.cpu_count() or 1) // workers) if device.type == "cpu" else 1
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = max(1, cores // workers) if device.type == "cpu" else 1
             log.info("%d runs in %d worker processes: %s", len(todo), workers, ", ".join(todo))
             pool = ProcessPoolExecutor(
                 workers,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .errors import AlexNetError
 
@@ -114,8 +115,8 @@ def _window_sum(t: Tensor, before: int, after: int) -> Tensor:
     """Sum over channels c-before .. c+after of (B, G, C, H, W), zero beyond each group's ends."""
     c = t.shape[2]
     padded = F.pad(t, (0, 0, 0, 0, before, after))
-    out = padded[:, :, 0:c] + padded[:, :, 1 : 1 + c]
-    for i in range(2, before + after + 1):
+    out = padded[:, :, 0:c].clone()
+    for i in range(1, before + after + 1):
         out += padded[:, :, i : i + c]
     return out
 
@@ -130,24 +131,33 @@ class _LRNFunction(torch.autograd.Function):
     backward; this saves a and s only. Measured on the 2-core CPU (2026-11-24, torch 2.14.1,
     float32, forward + backward, two towers): LRN1 (32, 96, 55, 55) 134 ms against 326 ms,
     LRN2 (32, 256, 27, 27) 44 against 137 ms; the whole paper-net step 1.6-1.8x faster in
-    float32 and 1.6x in bf16 (benchmarks/lrn_ab.py, paired). Equal to F.local_response_norm, gradients
-    by gradcheck (tests/test_model.py).
+    float32 (benchmarks/lrn_ab.py, paired). Equal to F.local_response_norm, gradients by
+    gradcheck (tests/test_model.py).
+
+    s is computed in float32 whatever the input (bf16 under autocast): in bf16, s = 2 + ...
+    moves in steps of 1/64, which rounds away much of LRN's few-percent effect (the
+    normalising factor was off by up to 1% on conv1-like input). The result is float32, as
+    F.local_response_norm's is under autocast (its average pooling runs in float32).
     """
 
     @staticmethod
     def forward(ctx: Any, a: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
-        s = _window_sum(a * a, size // 2, (size - 1) // 2).mul_(alpha).add_(k)
+        a32 = a.to(torch.promote_types(a.dtype, torch.float32))  # float64 stays float64
+        s = _window_sum(a32 * a32, size // 2, (size - 1) // 2).mul_(alpha).add_(k)
         ctx.save_for_backward(a, s)
         ctx.size, ctx.alpha, ctx.beta = size, alpha, beta
-        return s.pow(-beta).mul_(a)
+        return s.pow(-beta).mul_(a32)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         a, s = ctx.saved_tensors
+        a32, g32 = a.to(s.dtype), g.to(s.dtype)
         p = s.pow(-ctx.beta)
-        t = (g * a).mul_(p).div_(s)  # g_j a_j s_j^(-beta-1)
+        t = (g32 * a32).mul_(p).div_(s)  # g_j a_j s_j^(-beta-1)
         w = _window_sum(t, (ctx.size - 1) // 2, ctx.size // 2)
-        return torch.addcmul(p.mul_(g), a, w, value=-2 * ctx.alpha * ctx.beta), None, None, None, None
+        grad = torch.addcmul(p.mul_(g32), a32, w, value=-2 * ctx.alpha * ctx.beta)
+        return grad.to(a.dtype), None, None, None, None
 
 
 class LocalResponseNorm(nn.Module):
@@ -169,10 +179,13 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        # A traced graph (TorchScript, ONNX) cannot hold a Python autograd.Function.
-        if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
-            y = _LRNFunction.apply(x.unflatten(1, (self.groups, c // self.groups)), self.size, self.alpha / self.size, self.beta, self.k)
-            return y.flatten(1, 2)
+        # A TorchScript or ONNX graph cannot hold a Python autograd.Function: scripting skips
+        # this block, tracing takes the F.local_response_norm path below.
+        if not torch.jit.is_scripting():
+            if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
+                towers = x.unflatten(1, (self.groups, c // self.groups))
+                y = _LRNFunction.apply(towers, self.size, self.alpha / self.size, self.beta, self.k)
+                return y.flatten(1, 2)
         x = x.reshape(b * self.groups, c // self.groups, h, w)
         x = F.local_response_norm(x, self.size, alpha=self.alpha, beta=self.beta, k=self.k)
         return x.reshape(b, c, h, w)
