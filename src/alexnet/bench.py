@@ -333,6 +333,9 @@ def reference_step(classes: int, device: torch.device) -> tuple[Callable[[torch.
     import torchvision
 
     torch.manual_seed(0)
+    # pytorch/examples' imagenet/main.py sets cudnn.benchmark = True too; set here so the
+    # reference does not depend on whether our TrainStep (which also sets it) ran first.
+    torch.backends.cudnn.benchmark = True
     model = torchvision.models.alexnet(num_classes=classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
