@@ -309,6 +309,8 @@ def test_jobs_in_worker_processes_give_the_sequential_results(
     assert {r["run"] for r in rows} == set(two)
     assert all(json.loads(p.read_text())["concurrent_runs"] == 2 for p in (tmp_path / "two" / "runs").glob("sweep-*.json"))
     assert "[sweep-relu-lr0.01] started in process" in (tmp_path / "two" / "log.txt").read_text()
+    assert "with up to 2 runs training at once" in (tmp_path / "two" / "summary.md").read_text()
+    assert "at once" not in (tmp_path / "one" / "summary.md").read_text()
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "three"), "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err

@@ -601,6 +601,8 @@ def _relu_tanh_summary(
             "mean_epochs": mean,
             "std_epochs": std,
             "images_per_s": statistics.fmean(r["images_per_s"] for r in runs),
+            # Runs trained beside others (--jobs) shared the device: their speeds are not one run's.
+            "concurrent_runs": max(r.get("concurrent_runs", 1) for r in runs),
         }
     relu, tanh = per_act["relu"], per_act["tanh"]
     if relu["reached"] == relu["runs"] and tanh["reached"] == tanh["runs"]:
@@ -683,6 +685,9 @@ def _relu_tanh_markdown(s: dict[str, Any]) -> str:
         lines.append(
             f"| {act} | {a['lr']:g} | {per_seed} | {a['mean_epochs']:.2f} +- {a['std_epochs']:.2f} | {a['images_per_s']:.0f} |"
         )
+    shared = max(a.get("concurrent_runs", 1) for a in s["activations"].values())
+    if shared > 1:
+        lines += ["", f"images/s: per run, with up to {shared} runs training at once on the same device."]
     lines += [
         "",
         f"Ratio tanh / ReLU: **{s['ratio']:.2f}** ({s['ratio_kind']}); paper: {s['paper_ratio']:.0f}.  ",
