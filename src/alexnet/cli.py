@@ -10,7 +10,9 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import AlexNetError, Stopped
 
@@ -352,16 +354,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .train import resolve_device
 
     results = predict(args.checkpoint, args.images, args.topk, args.ten_crop, resolve_device(args.device))
-    if args.json:
-        print(json.dumps([r.__dict__ for r in results], indent=2))
-    else:
-        for r in results:
-            print(r.path)
-            if r.error:
-                print(f"  cannot read: {r.error}")
-            for (name, p), cid in zip(r.top, r.classes):
-                print(f"  {p:6.3f}  {name}" + (f"  ({cid})" if cid != name else ""))
+    _print_per_image(
+        results,
+        args.json,
+        lambda r: r.path,
+        lambda r: [f"{p:6.3f}  {name}" + (f"  ({cid})" if cid != name else "") for (name, p), cid in zip(r.top, r.classes)],
+    )
     return 1 if any(r.error for r in results) else 0
+
+
+def _print_per_image(results: list[Any], as_json: bool, title: Callable[[Any], str], lines: Callable[[Any], list[str]]) -> None:
+    """predict and retrieve: all results as JSON, or per image its name, its read error and its lines."""
+    if as_json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+        return
+    for r in results:
+        print(title(r))
+        if r.error:
+            print(f"  cannot read: {r.error}")
+        for line in lines(r):
+            print(f"  {line}")
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
@@ -403,15 +415,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise AlexNetError(f"--k must be at least 1; got {args.k}")
     results, _ = retrieve(args.checkpoint, args.index, args.queries, args.k, resolve_device(args.device))
-    if args.json:
-        print(json.dumps([r.__dict__ for r in results], indent=2))
-    else:
-        for r in results:
-            print(r.query)
-            if r.error:
-                print(f"  cannot read: {r.error}")
-            for path, distance in r.neighbours:
-                print(f"  {distance:10.4f}  {path}")
+    _print_per_image(results, args.json, lambda r: r.query, lambda r: [f"{d:10.4f}  {path}" for path, d in r.neighbours])
     if args.out:
         save_png(draw_grid(results), args.out)
         if not args.json:
