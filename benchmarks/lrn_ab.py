@@ -17,11 +17,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from alexnet import model as model_lib
-from alexnet.augment import make_preprocess
 from alexnet.bench import BenchConfig, our_step, sync
-from alexnet.step import StepOptions
-from alexnet.train import resolve_device
+from alexnet.data.augment import make_preprocess
+from alexnet.models import alexnet as model_lib
+from alexnet.runtime import resolve_device
+from alexnet.train.step import StepOptions
 
 NEW_FORWARD = model_lib.LocalResponseNorm.forward
 

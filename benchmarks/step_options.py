@@ -20,11 +20,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from alexnet.augment import make_preprocess
 from alexnet.bench import BenchConfig, our_step, sync
-from alexnet.step import StepOptions
-from alexnet.train import resolve_device
-
+from alexnet.data.augment import make_preprocess
+from alexnet.runtime import resolve_device
+from alexnet.train.step import StepOptions
 
 REFERENCE = "reference: torchvision.models.alexnet, float32 eager, torch.optim.SGD"
 

@@ -85,10 +85,10 @@ def write_tiny_checkpoint(
     """
     import torch
 
-    from alexnet.augment import make_preprocess
     from alexnet.checkpoint import save_checkpoint
     from alexnet.config import Config
-    from alexnet.model import ModelConfig, build_model
+    from alexnet.data.augment import make_preprocess
+    from alexnet.models.alexnet import ModelConfig, build_model
 
     torch.manual_seed(seed)
     cfg = Config()

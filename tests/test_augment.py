@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.augment import (
+from alexnet.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocess,

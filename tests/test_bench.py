@@ -15,8 +15,8 @@ import torch
 from alexnet import bench
 from alexnet.cli import main
 from alexnet.config import SpeedConfig
-from alexnet.model import create_model
-from alexnet.step import resolve_options
+from alexnet.models.alexnet import create_model
+from alexnet.train.step import resolve_options
 
 
 def test_tiny_bench_writes_all_fields(tmp_path: Path, capsys) -> None:

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from alexnet import checkpoint
-from alexnet.augment import Preprocess
 from alexnet.checkpoint import (
     history,
     load_checkpoint,
@@ -28,8 +27,9 @@ from alexnet.checkpoint import (
     save_run_checkpoint,
 )
 from alexnet.config import resolve
+from alexnet.data.augment import Preprocess
 from alexnet.errors import AlexNetError
-from alexnet.model import build_model
+from alexnet.models.alexnet import build_model
 
 TINY_MODEL = {
     "model.width": "0.125",

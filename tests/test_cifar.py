@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alexnet.cifar import CIFAR10_CLASSES, BatchUnpickler, load_cifar10
+from alexnet.data.cifar import CIFAR10_CLASSES, BatchUnpickler, load_cifar10
 from alexnet.errors import AlexNetError
 
 PER_BATCH = 3  # images per data batch: 5 x 3 = 15 training images

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from alexnet.cli import main
-from alexnet.synthetic import make_shapes_dataset
 from conftest import TINY
 
+from alexnet.cli import main
+from alexnet.data.synthetic import make_shapes_dataset
 
 
 @pytest.fixture(scope="module")

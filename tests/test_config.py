@@ -9,7 +9,16 @@ import pytest
 import yaml
 
 from alexnet import config
-from alexnet.config import Config, apply_overrides, from_dict, load_preset, parse_assignments, preset_names, resolve, save
+from alexnet.config import (
+    Config,
+    apply_overrides,
+    from_dict,
+    load_preset,
+    parse_assignments,
+    preset_names,
+    resolve,
+    save,
+)
 from alexnet.errors import AlexNetError
 
 

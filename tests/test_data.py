@@ -17,21 +17,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, features
 
-from alexnet import data
-from alexnet.data import (
+from alexnet.data import images as images_mod
+from alexnet.data.images import (
     BadImage,
-    Batch,
-    DataStats,
-    EpochBatchSampler,
     ImageFolderDataset,
-    StatsAccumulator,
-    collate,
-    compute_stats,
     find_splits,
     load_image,
-    make_loader,
     scan_image_folder,
 )
+from alexnet.data.loader import Batch, EpochBatchSampler, collate, make_loader
+from alexnet.data.stats import DataStats, StatsAccumulator, compute_stats
 from alexnet.errors import AlexNetError
 
 COLOURS = {"ant": (220, 30, 30), "bee": (30, 220, 30), "cat": (30, 30, 220)}
@@ -310,10 +305,10 @@ def test_bad_image_missing_file(tmp_path: Path) -> None:
 
 def test_bad_image_decompression_bomb_own_limit(tmp_path: Path, make_jpeg, monkeypatch: pytest.MonkeyPatch) -> None:
     p = make_jpeg(tmp_path / "big.jpg", (1, 2, 3), size=(40, 20))  # 800 pixels
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 500)
+    monkeypatch.setattr(images_mod, "MAX_IMAGE_PIXELS", 500)
     with pytest.raises(BadImage, match="40x20 pixels is over the 500 limit"):
         load_image(p, 16)
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 800)
+    monkeypatch.setattr(images_mod, "MAX_IMAGE_PIXELS", 800)
     assert load_image(p, 16).shape == (16, 16, 3)
 
 
@@ -527,8 +522,8 @@ def test_compute_stats_matches_numpy_reports_skipped_and_caches(
     assert len(images) == 7
 
     calls = []
-    real = data.load_image
-    monkeypatch.setattr(data, "load_image", lambda path, size: calls.append(path) or real(path, size))
+    real = images_mod.load_image
+    monkeypatch.setattr(images_mod, "load_image", lambda path, size: calls.append(path) or real(path, size))
 
     stats, skipped = compute_stats(images, 12, workers=0)
     assert len(calls) == 7

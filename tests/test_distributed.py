@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY as CLI_TINY
 
-from alexnet import distributed
-from alexnet.augment import make_preprocess, train_batch
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
-from alexnet.data import EpochBatchSampler
+from alexnet.data.augment import make_preprocess, train_batch
+from alexnet.data.loader import EpochBatchSampler
+from alexnet.data.synthetic import make_shapes_dataset
 from alexnet.errors import AlexNetError
-from alexnet.synthetic import make_shapes_dataset
-from conftest import TINY as CLI_TINY
+from alexnet.train import distributed
 
 TINY = [
     "--preset", "paper",

@@ -9,9 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from alexnet.augment import Preprocess
-from alexnet.data import Batch
-from alexnet.evaluate import EvalResult, evaluate, patch_probs, predict_probs, topk_errors
+from alexnet.data.augment import Preprocess
+from alexnet.data.loader import Batch
+from alexnet.evaluate import (
+    EvalResult,
+    evaluate,
+    patch_probs,
+    predict_probs,
+    topk_errors,
+)
 
 # --------------------------------------------------------------------------------------
 # topk_errors

@@ -16,8 +16,8 @@ import torch
 import yaml
 from PIL import Image
 
-from alexnet.cifar import ArraySplit
 from alexnet.cli import main
+from alexnet.data.cifar import ArraySplit
 from alexnet.errors import AlexNetError
 from alexnet.experiments import (
     REDUCED_ABLATIONS,
@@ -35,7 +35,7 @@ from alexnet.experiments import (
     resolve_settings,
     split_stats,
 )
-from alexnet.model import PaperAlexNet, count_parameters, create_model
+from alexnet.models.alexnet import PaperAlexNet, count_parameters, create_model
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet import export as export_lib
 from alexnet.checkpoint import load_model
 from alexnet.cli import main
-from alexnet.data import load_image
+from alexnet.data.images import load_image
 from alexnet.errors import AlexNetError
 from alexnet.evaluate import predict_probs
-from alexnet.export import Deployable, export
+from alexnet.tools import export as export_lib
+from alexnet.tools.export import Deployable, export
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

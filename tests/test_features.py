@@ -8,9 +8,9 @@ import torch
 
 from alexnet.checkpoint import load_model
 from alexnet.cli import main
-from alexnet.data import load_image
+from alexnet.data.images import load_image
 from alexnet.errors import AlexNetError
-from alexnet.features import (
+from alexnet.tools.features import (
     extract_features,
     list_images,
     load_index,

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet import ilsvrc, store
-from alexnet.data import load_image
+from alexnet.data import ilsvrc, store
+from alexnet.data.images import load_image
+from alexnet.data.prepare import prepare
 from alexnet.errors import AlexNetError
-from alexnet.prepare import prepare
 
 scipy_io = pytest.importorskip("scipy.io")
 

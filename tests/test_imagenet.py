@@ -4,7 +4,7 @@ import re
 
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-from alexnet.imagenet import NUM_CLASSES, imagenet_classes
+from alexnet.data.imagenet import NUM_CLASSES, imagenet_classes
 
 
 def test_thousand_unique_wordnet_ids_in_sorted_order():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from alexnet import AlexNetError, LocalResponseNorm, count_parameters, create_model
-from alexnet.model import LRN_CONVENTIONS
+from alexnet.models.alexnet import LRN_CONVENTIONS
 
 # Per layer, from Caffe's bvlc_alexnet (the same grouped layout as the paper): PAPER.md.
 CAFFE_LAYER_PARAMS = [34_944, 307_456, 885_120, 663_936, 442_624, 37_752_832, 16_781_312, 4_097_000]
@@ -130,7 +130,7 @@ def test_lrn_training_path_matches_the_formula_and_its_gradient(convention, grou
 
 @pytest.mark.parametrize("size", [1, 3, 4, 5])
 def test_lrn_function_gradcheck_odd_and_even_windows(size):
-    from alexnet.model import _LRNFunction
+    from alexnet.models.alexnet import _LRNFunction
 
     x = (torch.rand(2, 2, 6, 3, 2, dtype=torch.float64) * 4).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, size, 0.3, 0.75, 2.0), (x,))

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from alexnet import prepare as prepare_mod
-from alexnet import store
-from alexnet.data import compute_stats, load_image, scan_image_folder
-from alexnet.errors import AlexNetError
-from alexnet.prepare import prepare
-
 from conftest import write_tree
+
+from alexnet.data import prepare as prepare_mod
+from alexnet.data import store
+from alexnet.data.images import load_image, scan_image_folder
+from alexnet.data.prepare import prepare
+from alexnet.data.stats import compute_stats
+from alexnet.errors import AlexNetError
 
 
 @pytest.fixture

@@ -34,10 +34,10 @@ from PIL import Image
 from test_cli import TINY
 
 import alexnet
-from alexnet import train as train_module
-from alexnet import step as step_module
 from alexnet.cli import main
-from alexnet.synthetic import make_shapes_dataset
+from alexnet.data.synthetic import make_shapes_dataset
+from alexnet.train import run as train_module
+from alexnet.train import step as step_module
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals and resource limits")
 

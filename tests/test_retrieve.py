@@ -11,8 +11,8 @@ from PIL import Image
 from alexnet.checkpoint import load_model
 from alexnet.cli import main
 from alexnet.errors import AlexNetError
-from alexnet.features import extract_features, save_index
-from alexnet.retrieve import Retrieval, draw_grid, nearest, retrieve
+from alexnet.tools.features import extract_features, save_index
+from alexnet.tools.retrieve import Retrieval, draw_grid, nearest, retrieve
 
 
 def brute_force(index: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,8 +59,8 @@ def test_retrieve_ranks_the_index_by_fc7_distance(index_setup, tiny_checkpoint):
     _, index_path, query = index_setup
     [result], index = retrieve(tiny_checkpoint, index_path, [str(query)], k=4)
     loaded = load_model(tiny_checkpoint)
-    from alexnet.data import load_image
-    from alexnet.features import image_features
+    from alexnet.data.images import load_image
+    from alexnet.tools.features import image_features
 
     q = image_features(loaded, torch.from_numpy(load_image(query, 32)).permute(2, 0, 1)[None]).numpy()
     ref_d, ref_i = brute_force(index.features, q, 4)
@@ -69,8 +69,8 @@ def test_retrieve_ranks_the_index_by_fc7_distance(index_setup, tiny_checkpoint):
 
 
 def _features_of(checkpoint: Path, path: str) -> np.ndarray:
-    from alexnet.data import load_image
-    from alexnet.features import image_features
+    from alexnet.data.images import load_image
+    from alexnet.tools.features import image_features
 
     return image_features(load_model(checkpoint), torch.from_numpy(load_image(path, 32)).permute(2, 0, 1)[None]).numpy()
 

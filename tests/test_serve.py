@@ -16,8 +16,8 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
     from fastapi.testclient import TestClient
 
-from alexnet.predict import predict
-from alexnet.serve import create_app
+from alexnet.tools.predict import predict
+from alexnet.tools.serve import create_app
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -112,7 +112,7 @@ def test_upload_page_shows_top5_in_chromium(tiny_checkpoint, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from alexnet.predict import predict
+    from alexnet.tools.predict import predict
 
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(image)

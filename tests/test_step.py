@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from alexnet import config as config_lib
-from alexnet import step as step_mod
-from alexnet.augment import make_preprocess, train_batch
 from alexnet.config import SpeedConfig
+from alexnet.data.augment import make_preprocess, train_batch
 from alexnet.errors import AlexNetError
-from alexnet.model import TowerConv2d, create_model, set_tower_convs
-from alexnet.step import StepOptions, TrainStep, resolve_options
-from alexnet.train import PaperSGD
+from alexnet.models.alexnet import TowerConv2d, create_model, set_tower_convs
+from alexnet.train import step as step_mod
+from alexnet.train.optim import PaperSGD
+from alexnet.train.step import StepOptions, TrainStep, resolve_options
 
 SMALL = dict(width=0.25, fc_width=64, conv1_kernel=5, conv1_stride=2)  # 56 px crops, the paper's init
 CPU = torch.device("cpu")

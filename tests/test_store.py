@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from alexnet import store
-from alexnet.augment import make_preprocess, train_batch
-from alexnet.data import EpochBatchSampler, ImageFolderDataset, make_loader, scan_image_folder
-from alexnet.errors import AlexNetError
-from alexnet.prepare import prepare
-from alexnet.store import StoreLoader, open_store, open_training_data, verify_store
-
 from conftest import write_tree
+
+from alexnet.data import store
+from alexnet.data.augment import make_preprocess, train_batch
+from alexnet.data.images import ImageFolderDataset, scan_image_folder
+from alexnet.data.loader import EpochBatchSampler, make_loader
+from alexnet.data.prepare import prepare
+from alexnet.data.source import open_training_data
+from alexnet.data.store import StoreLoader, open_store, verify_store
+from alexnet.errors import AlexNetError
 
 
 @pytest.fixture(scope="module")

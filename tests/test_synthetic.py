@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet import synthetic
-from alexnet.errors import AlexNetError
-from alexnet.synthetic import (
+from alexnet.data import synthetic
+from alexnet.data.synthetic import (
     CLASSES,
     MARKER_NAME,
     default_dataset_dir,
@@ -21,6 +20,7 @@ from alexnet.synthetic import (
     make_shapes_dataset,
     render_image,
 )
+from alexnet.errors import AlexNetError
 
 TINY = {"image_size": 32, "train_per_class": 3, "val_per_class": 2}
 COUNTS = {"train": 3, "val": 2}

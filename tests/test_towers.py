@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from alexnet.model import ModelConfig, build_model
+from alexnet.models.alexnet import ModelConfig, build_model
 
 CFG = dict(width=0.125, fc_width=32, conv1_kernel=5, conv1_stride=1, input_size=28, num_classes=10, init="kaiming", dropout=0.0)
 
@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 
 def _tower_worker(rank: int, port: int) -> None:
-    from alexnet.towers import TowerParallelAlexNet
+    from alexnet.models.towers import TowerParallelAlexNet
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -58,7 +58,7 @@ def test_two_towers_on_two_ranks_equal_the_grouped_model():
 
 def test_the_layout_refuses_a_single_process():
     from alexnet.errors import AlexNetError
-    from alexnet.towers import TowerParallelAlexNet
+    from alexnet.models.towers import TowerParallelAlexNet
 
     with pytest.raises(AlexNetError, match="exactly 2 ranks"):
         TowerParallelAlexNet(build_model(ModelConfig(**CFG)))

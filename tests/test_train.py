@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from alexnet.config import OptimConfig
-from alexnet.train import PaperSGD, StopSignals, param_groups, plateau_schedule
+from alexnet.train.optim import PaperSGD, param_groups, plateau_schedule
+from alexnet.train.run import StopSignals
 
 
 def test_paper_update_rule_hand_computed():

@@ -12,7 +12,7 @@ from alexnet import create_model
 from alexnet.checkpoint import load_model
 from alexnet.cli import main
 from alexnet.errors import AlexNetError
-from alexnet.visualize import (
+from alexnet.tools.visualize import (
     conv1_weight,
     curves_figure,
     filter_grid,
@@ -74,7 +74,7 @@ def val_images(tmp_path, make_jpeg) -> list[Path]:
 
 
 def test_predictions_know_the_truth_from_the_folder(tiny_checkpoint, val_images):
-    from alexnet.predict import predict
+    from alexnet.tools.predict import predict
 
     shown = predictions(load_model(tiny_checkpoint), [str(p) for p in val_images])
     assert [s.truth for s in shown] == ["class two", None]  # folder c2 is class id c2
@@ -96,7 +96,7 @@ def test_predictions_figure_draws_the_bars_it_was_given(tiny_checkpoint, val_ima
         assert [t.get_text() for t in ax_bar.get_yticklabels()] == [n for n, _ in item.top]
         red = [n for (n, _), b in zip(item.top, bars) if b.get_facecolor()[:3] == pytest.approx((0.839, 0.153, 0.157), abs=1e-3)]
         assert red == ([item.truth] if item.truth in [n for n, _ in item.top] else [])
-    from alexnet.visualize import save_figure
+    from alexnet.tools.visualize import save_figure
 
     save_figure(fig, tmp_path / "p.png")
     assert Image.open(tmp_path / "p.png").size == (2 * 2.0 * 50, round(1 * 2.0 * 1.75 * 50))

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from alexnet.augment import eval_patches
 from alexnet.checkpoint import load_checkpoint, load_model
 from alexnet.cli import main
+from alexnet.data.augment import eval_patches
+from alexnet.data.imagenet import imagenet_classes
 from alexnet.errors import AlexNetError
-from alexnet.imagenet import imagenet_classes
-from alexnet.weights import (
+from alexnet.tools.weights import (
     CAFFE_MEAN_BGR,
     caffe_message,
     import_weights,
@@ -199,7 +199,7 @@ def test_torchvision_import_predicts_like_torchvision(torchvision_file, tmp_path
     tv_pre = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     with torch.no_grad():
         expected = reference(tv_pre(Image.open(image_file).convert("RGB"))[None]).softmax(1)[0]
-    from alexnet.predict import predict
+    from alexnet.tools.predict import predict
 
     [result] = predict(ckpt, [str(image_file)], topk=5)
     wnids, names = imagenet_classes()
@@ -447,7 +447,7 @@ def test_bare_torchvision_state_dict_gets_an_import_hint(torchvision_file, capsy
 @pytest.mark.slow
 def test_full_size_bvlc_alexnet_caffemodel(tmp_path):
     """bvlc_alexnet's real shapes (60,965,224 parameters, 244 MB of protobuf) import as the paper net."""
-    from alexnet.model import count_parameters, create_model
+    from alexnet.models.alexnet import count_parameters, create_model
 
     reference = create_model("paper", lrn="caffe", conv1_padding=0, input_size=227)
     blobs = {}

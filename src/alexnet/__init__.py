@@ -1,9 +1,16 @@
 """AlexNet (Krizhevsky, Sutskever & Hinton, NeurIPS 2012): the paper's network, data
 pipeline, training recipe and evaluation, and torchvision's variant."""
 
-from .checkpoint import load_model
-from .errors import AlexNetError
-from .model import LocalResponseNorm, ModelConfig, PaperAlexNet, TorchvisionAlexNet, count_parameters, create_model
+from alexnet.checkpoint import load_model
+from alexnet.errors import AlexNetError
+from alexnet.models.alexnet import (
+    LocalResponseNorm,
+    ModelConfig,
+    PaperAlexNet,
+    TorchvisionAlexNet,
+    count_parameters,
+    create_model,
+)
 
 __all__ = [
     "AlexNetError",

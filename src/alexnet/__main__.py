@@ -1,6 +1,6 @@
 import sys
 
-from .cli import main
+from alexnet.cli import main
 
 # Guarded: worker processes started with "spawn" (experiment --jobs, DataLoader workers)
 # import this module as __mp_main__ and must not run the command again.

@@ -26,7 +26,6 @@ the same bytes, so the history costs no extra writes) that resume falls back on 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -37,17 +36,17 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from . import config as config_lib
-from .augment import Preprocess
-from .errors import AlexNetError
-from .model import AlexNet, build_model
+from alexnet import config as config_lib
+from alexnet.data.augment import Preprocess
+from alexnet.errors import AlexNetError
+from alexnet.files import fsync_dir, temporary_name, atomic_write
+from alexnet.models.alexnet import AlexNet, build_model
 
 log = logging.getLogger("alexnet")
 
@@ -56,73 +55,12 @@ VERSION = 2  # 2 added the position inside an epoch, partial epoch sums and rand
 HISTORY = "checkpoints"  # run_dir/checkpoints/step-N.pt
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable: on ext4/xfs the new directory entry survives a power cut only after this."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # some filesystems (and Windows) cannot fsync a directory; the rename is still atomic
 
 
-class _RecordingWriter:
-    """A file wrapper that remembers the OSError of a failed write.
-
-    ``torch.save`` turns a failing write (ENOSPC, EFBIG) into a RuntimeError "unexpected
-    pos 704 vs 598" that has lost the errno (measured with RLIMIT_FSIZE, torch 2.14);
-    this keeps the real reason so the message can say "No space left on device".
-    """
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        # Writers such as np.savez (a zip file) also seek, tell and read back.
-        return getattr(self.f, name)
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temporary file beside path, fsync, then rename it into place.
-
-    On any failure the temporary file is removed and path is untouched. An OSError from a
-    write is raised as itself, even when the writer (torch.save) wrapped it in another type.
-    """
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            recorder = _RecordingWriter(f)
-            try:
-                write(recorder)
-            except Exception:
-                if recorder.error is not None:
-                    raise recorder.error from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _write_error(path: Path, e: OSError) -> AlexNetError:
@@ -133,26 +71,6 @@ def _write_error(path: Path, e: OSError) -> AlexNetError:
     return AlexNetError(f"cannot write checkpoint {path}: {reason}; {previous}")
 
 
-@contextlib.contextmanager
-def exclusive_lock(lock_file: Path, busy: str) -> Iterator[None]:
-    """Hold an advisory flock on lock_file for the duration, or raise AlexNetError(busy).
-
-    Two writers in one run directory or store would interleave their files. The lock dies
-    with its process, so a killed process never leaves a stale one. Not on Windows (no
-    flock): there the check is skipped.
-    """
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise AlexNetError(busy) from None
-        yield
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -168,7 +86,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def link_or_copy(source: Path, target: Path) -> None:
     """Make target hold source's bytes, atomically: a hard link (no I/O), or a copy where
     the filesystem has no hard links (FAT, some network and FUSE mounts)."""
-    tmp = _tmp_name(target)
+    tmp = temporary_name(target)
     try:
         tmp.unlink(missing_ok=True)
         try:
@@ -181,7 +99,7 @@ def link_or_copy(source: Path, target: Path) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _write_error(target, e) from None
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _copy(src: BinaryIO, dst: Any) -> None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from .errors import AlexNetError
-from .model import ModelConfig
+from alexnet.errors import AlexNetError
+from alexnet.models.alexnet import ModelConfig
 
 
 @dataclass

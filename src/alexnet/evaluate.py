@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .augment import Preprocess, eval_patches
-from .data import Batch
+from alexnet.data.augment import Preprocess, eval_patches
+from alexnet.data.loader import Batch
 
 
 def topk_errors(scores: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, Tensor]:

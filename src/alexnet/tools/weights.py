@@ -57,12 +57,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .augment import Preprocess, make_preprocess
-from .checkpoint import save_checkpoint, save_safetensors, torch_load
-from .config import Config
-from .errors import AlexNetError
-from .imagenet import NUM_CLASSES, imagenet_classes
-from .model import ModelConfig, build_model
+from alexnet.checkpoint import save_checkpoint, save_safetensors, torch_load
+from alexnet.config import Config
+from alexnet.data.augment import Preprocess, make_preprocess
+from alexnet.data.imagenet import NUM_CLASSES, imagenet_classes
+from alexnet.errors import AlexNetError
+from alexnet.models.alexnet import ModelConfig, build_model
 
 FORMATS = ("torchvision", "caffe-npy", "caffemodel")
 

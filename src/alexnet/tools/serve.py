@@ -28,10 +28,10 @@ from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse
 from PIL import Image
 
-from .checkpoint import load_model
-from .data import BadImage, ImageTooLarge, load_image
-from .evaluate import predict_probs
-from .predict import top_classes
+from alexnet.checkpoint import load_model
+from alexnet.data.images import BadImage, ImageTooLarge, load_image
+from alexnet.evaluate import predict_probs
+from alexnet.tools.predict import top_classes
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
 MULTIPART_OVERHEAD = 16 * 2**10  # boundaries and part headers around the file's bytes

@@ -26,8 +26,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import IMAGE_EXTENSIONS
-from .errors import AlexNetError
+from alexnet.data.images import IMAGE_EXTENSIONS
+from alexnet.errors import AlexNetError
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .errors import AlexNetError
+from alexnet.errors import AlexNetError
 
 MODEL_NAMES = ("paper", "torchvision")
 

@@ -19,7 +19,7 @@ def imagenet_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(WordNet ids, readable names), both in label order."""
     wnids: list[str] = []
     names: list[str] = []
-    text = resources.files("alexnet").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    text = resources.files("alexnet.data").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue

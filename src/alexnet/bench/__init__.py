@@ -41,15 +41,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .augment import make_preprocess, train_batch
-from .config import SpeedConfig
-from .data import Batch, EpochBatchSampler, cache_dir, resolve_workers
-from .errors import AlexNetError
-from .model import build_model, count_parameters, model_config
-from .step import StepOptions, TrainStep, cpu_flags, resolve_options
-from .store import StoreLoader, is_store, open_store
-from .train import PaperSGD, param_groups, resolve_device
+from alexnet import __version__
+from alexnet.config import SpeedConfig
+from alexnet.data.augment import make_preprocess, train_batch
+from alexnet.data.loader import Batch, EpochBatchSampler, resolve_workers
+from alexnet.data.store import StoreLoader, is_store, open_store
+from alexnet.errors import AlexNetError
+from alexnet.files import cache_dir
+from alexnet.models.alexnet import build_model, count_parameters, model_config
+from alexnet.runtime import resolve_device
+from alexnet.train.optim import PaperSGD, param_groups
+from alexnet.train.step import StepOptions, TrainStep, cpu_flags, resolve_options
 
 log = logging.getLogger("alexnet")
 
@@ -439,7 +441,7 @@ def run_bench(bc: BenchConfig) -> dict[str, Any]:
         raise AlexNetError(f"the reference pipeline reads an ImageFolder tree ({root}/train/<class>/); use --no-baseline")
     store_path = Path(bc.store) if bc.store else root.with_name(root.name + f".store{bc.image_size}")
 
-    from .prepare import prepare
+    from alexnet.data.prepare import prepare
 
     report = prepare(root, store_path, image_size=bc.image_size, workers=workers, progress=bc.progress)
     store = open_store(store_path, bc.image_size)

@@ -49,8 +49,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import AlexNetError
-from .model import LocalResponseNorm, PaperAlexNet
+from alexnet.errors import AlexNetError
+from alexnet.models.alexnet import LocalResponseNorm, PaperAlexNet
 
 
 def _gather(x: Tensor, dim: int) -> Tensor:

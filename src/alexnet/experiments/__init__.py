@@ -53,14 +53,15 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from .augment import Preprocess, make_preprocess, train_batch
-from .cifar import ArraySplit
-from .data import Batch, DataStats, StatsAccumulator
-from .errors import AlexNetError
-from .evaluate import EvalResult, evaluate
-from .model import count_parameters, create_model
-from .step import StepOptions, TrainStep
-from .train import PaperSGD, param_groups
+from alexnet.data.augment import Preprocess, make_preprocess, train_batch
+from alexnet.data.cifar import ArraySplit
+from alexnet.data.loader import Batch
+from alexnet.data.stats import DataStats, StatsAccumulator
+from alexnet.errors import AlexNetError
+from alexnet.evaluate import EvalResult, evaluate
+from alexnet.models.alexnet import count_parameters, create_model
+from alexnet.train.optim import PaperSGD, param_groups
+from alexnet.train.step import StepOptions, TrainStep
 
 log = logging.getLogger("alexnet")
 
@@ -1103,7 +1104,7 @@ def run_experiment(
 ) -> Path:
     """Load CIFAR-10, run experiment ``name`` into ``out`` and return the run directory.
     ``command`` is the command line, recorded with the results."""
-    from .cifar import default_data_path, load_cifar10
+    from alexnet.data.cifar import default_data_path, load_cifar10
 
     if data is None:
         data = default_data_path()

@@ -27,11 +27,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .checkpoint import LoadedModel
-from .data import BadImage, load_image
-from .errors import AlexNetError
-from .evaluate import predict_probs
-from .predict import top_classes
+from alexnet.checkpoint import LoadedModel
+from alexnet.data.images import BadImage, load_image
+from alexnet.errors import AlexNetError
+from alexnet.evaluate import predict_probs
+from alexnet.tools.predict import top_classes
 
 # --------------------------------------------------------------------------------------
 # Figure 3: conv1 kernels

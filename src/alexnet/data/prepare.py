@@ -34,10 +34,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import __version__, ilsvrc, store
-from .checkpoint import exclusive_lock
-from .data import BadImage, StatsAccumulator, find_splits, load_image, resolve_workers, scan_image_folder
-from .errors import AlexNetError
+from alexnet import __version__
+from alexnet.data import ilsvrc, store
+from alexnet.data.images import BadImage, find_splits, load_image, scan_image_folder
+from alexnet.data.loader import resolve_workers
+from alexnet.data.stats import StatsAccumulator
+from alexnet.errors import AlexNetError
+from alexnet.files import exclusive_lock
 
 log = logging.getLogger("alexnet")
 

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import AlexNetError
+from alexnet.errors import AlexNetError
 
 # What torchrun sets for every worker. With one of them set, all must be (a script that
 # exports RANK by hand and forgets MASTER_ADDR would otherwise wait for a rendezvous

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import AlexNetError, Stopped
+from alexnet.errors import AlexNetError, Stopped
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_config(args: argparse.Namespace):
-    from . import config as config_lib
+    from alexnet import config as config_lib
 
     overrides: dict[str, object] = {}
     if args.data:
@@ -265,8 +265,8 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .distributed import from_env
-    from .train import resume, train
+    from alexnet.train.distributed import from_env
+    from alexnet.train.run import resume, train
 
     if args.nproc is not None:
         if from_env().active:
@@ -277,7 +277,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         fixed = [f"--{name.replace('_', '-')}" for name in ("data", "preset", "model", "lr", "batch_size", "seed", "out")]
         given = [flag for flag in fixed if getattr(args, flag[2:].replace("-", "_")) is not None] + (["--set"] if args.set else [])
         if given:
-            from .checkpoint import load_checkpoint
+            from alexnet.checkpoint import load_checkpoint
 
             saved = load_checkpoint(Path(args.resume) / "last.pt")["config"]["model"]
             if args.model and args.model != saved["name"]:
@@ -308,11 +308,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_for_inference
-    from .data import EpochBatchSampler, ImageFolderDataset, make_loader, scan_image_folder
-    from .evaluate import evaluate
-    from .store import StoreLoader, is_store, open_store
-    from .train import resolve_device
+    from alexnet.checkpoint import load_for_inference
+    from alexnet.data.images import ImageFolderDataset, scan_image_folder
+    from alexnet.data.loader import EpochBatchSampler, make_loader
+    from alexnet.data.store import StoreLoader, is_store, open_store
+    from alexnet.evaluate import evaluate
+    from alexnet.runtime import resolve_device
 
     device = resolve_device(args.device or "auto")
     loaded = [load_for_inference(c, device) for c in args.checkpoints]
@@ -350,8 +351,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict
-    from .train import resolve_device
+    from alexnet.runtime import resolve_device
+    from alexnet.tools.predict import predict
 
     results = predict(args.checkpoint, args.images, args.topk, args.ten_crop, resolve_device(args.device))
     _print_per_image(
@@ -377,7 +378,7 @@ def _print_per_image(results: list[Any], as_json: bool, title: Callable[[Any], s
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
-    from .weights import import_weights, write_checkpoint
+    from alexnet.tools.weights import import_weights, write_checkpoint
 
     state = import_weights(args.source, args.format, args.classes, args.mean)
     out = write_checkpoint(state, args.out)
@@ -387,9 +388,9 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .features import extract_features, save_index
-    from .train import resolve_device
+    from alexnet.checkpoint import load_model
+    from alexnet.runtime import resolve_device
+    from alexnet.tools.features import extract_features, save_index
 
     device = resolve_device(args.device or "auto")
     index = extract_features(
@@ -409,8 +410,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
-    from .retrieve import draw_grid, retrieve, save_png
-    from .train import resolve_device
+    from alexnet.runtime import resolve_device
+    from alexnet.tools.retrieve import draw_grid, retrieve, save_png
 
     if args.k < 1:
         raise AlexNetError(f"--k must be at least 1; got {args.k}")
@@ -424,9 +425,9 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from . import visualize as vis
-    from .checkpoint import load_model
-    from .train import resolve_device
+    from alexnet.checkpoint import load_model
+    from alexnet.runtime import resolve_device
+    from alexnet.tools import visualize as vis
 
     if args.figure == "filters":
         if args.columns < 1 or args.scale < 1:
@@ -447,7 +448,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from alexnet.tools.export import export
 
     print(export(args.checkpoint, args.format, args.out, args.tolerance).summary())
     return 0
@@ -455,10 +456,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .serve import serve
+        from alexnet.tools.serve import serve
     except ImportError as e:
         raise AlexNetError(f"alexnet serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'alexnet[serve]'") from None
-    from .train import resolve_device
+    from alexnet.runtime import resolve_device
 
     if args.max_upload_mb <= 0:
         raise AlexNetError(f"--max-upload-mb must be positive; got {args.max_upload_mb}")
@@ -467,7 +468,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_make_dataset(args: argparse.Namespace) -> int:
-    from .synthetic import ensure_shapes_dataset
+    from alexnet.data.synthetic import ensure_shapes_dataset
 
     root = ensure_shapes_dataset(
         args.root,
@@ -482,8 +483,8 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare
-    from .store import verify_store
+    from alexnet.data.prepare import prepare
+    from alexnet.data.store import verify_store
 
     if len(args.paths) > 2 or (len(args.paths) == 1 and not args.verify):
         raise AlexNetError("usage: alexnet prepare SRC DEST [--verify], or alexnet prepare --verify STORE")
@@ -509,8 +510,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import config as config_lib
-    from .bench import BenchConfig, format_report, run_bench
+    from alexnet import config as config_lib
+    from alexnet.bench import BenchConfig, format_report, run_bench
 
     overrides = config_lib.parse_assignments(args.set)
     if any(not key.startswith("speed.") for key in overrides):
@@ -568,8 +569,8 @@ def _comma_list(text: str | None, convert: type, flag: str) -> tuple | None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiments import resolve_settings, run_experiment
-    from .train import resolve_device
+    from alexnet.experiments import resolve_settings, run_experiment
+    from alexnet.runtime import resolve_device
 
     overrides = {
         "epochs": args.epochs,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import LoadedModel, load_model
-from .data import BadImage, load_image
-from .evaluate import predict_probs
+from alexnet.checkpoint import LoadedModel, load_model
+from alexnet.data.images import BadImage, load_image
+from alexnet.evaluate import predict_probs
 
 
 @dataclass

@@ -22,16 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .augment import eval_patches
-from .checkpoint import LoadedModel, atomic_write
-from .data import (
-    IMAGE_EXTENSIONS,
-    EpochBatchSampler,
-    ImageFolderDataset,
-    ImageList,
-    make_loader,
-)
-from .errors import AlexNetError
+from alexnet.checkpoint import LoadedModel
+from alexnet.data.augment import eval_patches
+from alexnet.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, ImageList
+from alexnet.data.loader import EpochBatchSampler, make_loader
+from alexnet.errors import AlexNetError
+from alexnet.files import atomic_write
 
 
 @dataclass

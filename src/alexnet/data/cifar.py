@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import BadImage, find_splits, load_image, scan_image_folder
-from .errors import AlexNetError
+from alexnet.data.images import BadImage, find_splits, load_image, scan_image_folder
+from alexnet.errors import AlexNetError
 
 log = logging.getLogger("alexnet")
 
@@ -329,8 +329,10 @@ def _benchmark(path: Path, batches: int = 40, batch_size: int = 128) -> dict[str
     """Images/s of training batches: from memory (gather + augment.py) and from a JPEG DataLoader."""
     import time
 
-    from .augment import make_preprocess, train_batch
-    from .data import EpochBatchSampler, ImageFolderDataset, StatsAccumulator, make_loader
+    from alexnet.data.augment import make_preprocess, train_batch
+    from alexnet.data.images import ImageFolderDataset
+    from alexnet.data.loader import EpochBatchSampler, make_loader
+    from alexnet.data.stats import StatsAccumulator
 
     start = time.perf_counter()
     train, _ = load_cifar10(path)

@@ -15,10 +15,15 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .checkpoint import load_model
-from .data import BadImage, load_image
-from .errors import AlexNetError
-from .features import FeatureIndex, image_features, load_index, model_fingerprint
+from alexnet.checkpoint import load_model
+from alexnet.data.images import BadImage, load_image
+from alexnet.errors import AlexNetError
+from alexnet.tools.features import (
+    FeatureIndex,
+    image_features,
+    load_index,
+    model_fingerprint,
+)
 
 
 def nearest(index: torch.Tensor, queries: torch.Tensor, k: int, block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:

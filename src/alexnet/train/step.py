@@ -62,12 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .augment import Preprocess, train_batch
-from .config import SpeedConfig
-from .distributed import SINGLE, Dist
-from .errors import AlexNetError
-from .evaluate import topk_errors
-from .model import set_tower_convs
+from alexnet.config import SpeedConfig
+from alexnet.data.augment import Preprocess, train_batch
+from alexnet.errors import AlexNetError
+from alexnet.evaluate import topk_errors
+from alexnet.models.alexnet import set_tower_convs
+from alexnet.train.distributed import SINGLE, Dist
 
 log = logging.getLogger("alexnet")
 

@@ -32,9 +32,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .augment import Preprocess, patch_offsets
-from .checkpoint import LoadedModel, load_checkpoint, load_model, save_safetensors
-from .errors import AlexNetError
+from alexnet.checkpoint import (
+    LoadedModel,
+    load_checkpoint,
+    load_model,
+    save_safetensors,
+)
+from alexnet.data.augment import Preprocess, patch_offsets
+from alexnet.errors import AlexNetError
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 ONNX_OPSET = 17

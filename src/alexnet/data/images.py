@@ -1,0 +1,208 @@
+"""Images: ImageFolder trees, robust decoding, and the paper's fixed-size images.
+
+Section 2 of the paper: every image is rescaled so its shorter side is 256 and the
+central 256x256 patch is kept. That is done here, in worker processes, once per image
+read; what leaves this module is a uint8 tensor (3, S, S). Cropping, flipping, PCA
+lighting and mean subtraction happen later on whole batches (augment.py), on the device
+that trains.
+
+A dataset of a million files has broken ones: decoding raises :class:`BadImage` with
+the reason, which the loader turns into a skipped file instead of an error.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from alexnet.errors import AlexNetError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+# Refuse decompression bombs outright (PIL only warns between 89M and 179M pixels).
+# The largest ILSVRC-2012 training image is about 20M pixels.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class BadImage(Exception):
+    """An image file that cannot be used; the message is the reason."""
+
+
+class ImageTooLarge(BadImage):
+    """An image over the pixel limit, or a decompression bomb (a small file of huge dimensions)."""
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """The files of one split: paths, integer labels, and class names in label order."""
+
+    root: Path
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> ImageList:
+    """List ``root/<class>/<image>`` files; class labels follow sorted folder names (torchvision's order).
+
+    ``classes`` fixes the label order (the training split's) for a validation split.
+    Hidden files and files without an image extension (Thumbs.db, .DS_Store) are ignored.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise AlexNetError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise AlexNetError(f"data folder {root} is not a folder")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise AlexNetError(f"data folder {root} has no class folders (expected {root}/<class>/<image>)")
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise AlexNetError(
+                f"{root} has class folder(s) {', '.join(unknown[:5])} that the training set "
+                f"(or checkpoint) does not have; expected a subset of its {len(classes)} classes"
+            )
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue  # a validation split may lack some classes
+        files = sorted(
+            entry.path
+            for entry in os.scandir(folder)
+            if entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not files:
+            raise AlexNetError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+        paths += files
+        labels += [label] * len(files)
+    return ImageList(root, paths, labels, list(classes))
+
+
+def find_splits(root: str | Path) -> tuple[Path, Path]:
+    """``root/train`` and ``root/val`` (``root/test`` is accepted for val, as in CIFAR-10 trees)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AlexNetError(f"data folder {root} does not exist")
+    train = root / "train"
+    val = next((root / v for v in ("val", "validation", "test") if (root / v).is_dir()), None)
+    if not train.is_dir() or val is None:
+        raise AlexNetError(
+            f"{root} must hold train/<class>/<image> and val/<class>/<image>; "
+            f"found: {', '.join(sorted(p.name for p in root.iterdir())) or 'nothing'}"
+        )
+    return train, val
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float greyscale: PIL's convert("RGB") clips instead of scaling.
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I") and a.max() > 255 else max(a.max(), 1.0)
+        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("P", "PA", "LA") or (img.mode == "RGBA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path | BinaryIO, size: int) -> np.ndarray:
+    """Decode, rescale the shorter side to ``size`` and keep the central square: (size, size, 3) uint8.
+
+    ``path`` may also be an open binary file (an archive member read into memory).
+
+    Handles grayscale, CMYK, palette, 16-bit and EXIF-rotated files, and a PNG saved
+    with a .jpg name (PIL reads the content, not the name). ``path`` may also be an open
+    binary file (an upload). Raises BadImage otherwise, ImageTooLarge for oversized images.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Damaged metadata in an image that still decodes ("Corrupt EXIF data", "Tag
+            # data larger than file"): one line per file on stderr, from every worker,
+            # would bury the log of a run over millions of files.
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise ImageTooLarge(f"{img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
+                # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when that still
+                # leaves the shorter side >= size: several times faster on ImageNet.
+                img.draft("RGB", (size, size))
+                img = ImageOps.exif_transpose(img)
+                img = _to_rgb(img)
+                w, h = img.size
+                scale = size / min(w, h)
+                nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+                img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+                left, top = (nw - size) // 2, (nh - size) // 2
+                return np.array(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLarge(f"refused as a decompression bomb: {e}") from None
+    except FileNotFoundError:
+        raise BadImage("file vanished") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as e:
+        raise BadImage(str(e) or type(e).__name__) from None
+
+
+class ImageFolderDataset(Dataset):
+    """Items are ``(uint8 image (3, S, S) or None, label, reason)``; reason is '' for a good image."""
+
+    def __init__(self, images: ImageList, image_size: int) -> None:
+        self.images = images
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
+        path, label = self.images.paths[index], self.images.labels[index]
+        try:
+            array = load_image(path, self.image_size)
+        except BadImage as e:
+            return None, label, f"{path}: {e}"
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), label, ""
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# --------------------------------------------------------------------------------------
+# Training-set statistics: the mean image (section 2) and the RGB PCA (section 4.1)
+
+
+
+
+
+
+
+
+
+
+

@@ -1,0 +1,77 @@
+"""One entry point for a dataset in either form: an ImageFolder tree or a prepared store.
+
+Training and evaluation both ask "store or folder?" here, so the two cannot disagree
+about what a ``--data`` path means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from alexnet.data.images import ImageFolderDataset, find_splits, scan_image_folder
+from alexnet.data.loader import EpochBatchSampler, make_loader
+from alexnet.data.stats import DataStats, compute_stats
+from alexnet.data.store import StoreLoader, is_store, open_store
+
+
+@dataclass
+class TrainingData:
+    """What train.py needs of a dataset, whichever form it is in."""
+
+    description: str
+    classes: list[str]
+    counts: dict[str, int]  # images per split
+    stats: Callable[[], tuple[DataStats, list[str]]]  # mean image + PCA, and unreadable training files
+    loader: Callable[[str, EpochBatchSampler], Any]  # an iterable of Batch for "train" or "val"
+
+
+def open_training_data(
+    root: str | Path,
+    image_size: int,
+    *,
+    workers: int = -1,
+    stats_max_images: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> TrainingData:
+    """A prepared store (``alexnet prepare``) if ``root`` is one, otherwise an ImageFolder tree.
+
+    With a store, decoding is already done: batches are memcpy'd from the memory map by
+    threads (``workers`` is ignored), and the statistics are the store's.
+    """
+    if is_store(root):
+        store = open_store(root, image_size)
+
+        def store_loader(split: str, sampler: EpochBatchSampler) -> StoreLoader:
+            return StoreLoader(store.split(split), sampler, device)
+
+        def store_stats() -> tuple[DataStats, list[str]]:
+            return store.stats(), store.skipped
+
+        return TrainingData(
+            f"store {store.root}",
+            store.classes,
+            {name: len(split) for name, split in store.splits.items()},
+            store_stats,
+            store_loader,
+        )
+    train_dir, val_dir = find_splits(root)
+    train_images = scan_image_folder(train_dir)
+    val_images = scan_image_folder(val_dir, classes=train_images.classes)
+    lists = {"train": train_images, "val": val_images}
+
+    def folder_loader(split: str, sampler: EpochBatchSampler) -> Any:
+        return make_loader(ImageFolderDataset(lists[split], image_size), sampler, workers)
+
+    def folder_stats() -> tuple[DataStats, list[str]]:
+        return compute_stats(train_images, image_size, workers, stats_max_images, progress)
+
+    return TrainingData(
+        f"folder {root}", train_images.classes, {k: len(v) for k, v in lists.items()}, folder_stats, folder_loader
+    )
+
+

@@ -1,0 +1,128 @@
+"""Files that survive a crash: atomic writes, advisory locks, and the cache folder.
+
+Every file alexnet writes for later -- checkpoints, store headers, statistics, exports,
+experiment results, dataset markers -- goes through :func:`atomic_write`: a crash at
+any moment leaves the old file or the new one, never half of one. Every folder two
+processes could write at once (a run directory, a store, the built-in dataset) is
+guarded by :func:`exclusive_lock`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from alexnet.errors import AlexNetError
+
+
+def cache_dir() -> Path:
+    """``$ALEXNET_CACHE`` if set and not empty, else ``~/.cache/alexnet`` (statistics, the built-in dataset)."""
+    cache = os.environ.get("ALEXNET_CACHE")
+    return Path(cache).expanduser() if cache else Path.home() / ".cache" / "alexnet"
+
+
+def temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename durable: on ext4/xfs the new directory entry survives a power cut only after this."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # some filesystems (and Windows) cannot fsync a directory; the rename is still atomic
+
+
+class _RecordingWriter:
+    """A file wrapper that remembers the OSError of a failed write.
+
+    ``torch.save`` turns a failing write (ENOSPC, EFBIG) into a RuntimeError "unexpected
+    pos 704 vs 598" that has lost the errno (measured with RLIMIT_FSIZE, torch 2.14);
+    this keeps the real reason so the message can say "No space left on device".
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        # Writers such as np.savez (a zip file) also seek, tell and read back.
+        return getattr(self.f, name)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(file)`` on a temporary file beside path, fsync, then rename it into place.
+
+    On any failure the temporary file is removed and path is untouched. An OSError from a
+    write is raised as itself, even when the writer (torch.save) wrapped it in another type.
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            recorder = _RecordingWriter(f)
+            try:
+                write(recorder)
+            except Exception:
+                if recorder.error is not None:
+                    raise recorder.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path, busy: str | None = None) -> Iterator[None]:
+    """Hold an advisory flock on lock_file for the duration.
+
+    ``busy`` given: raise AlexNetError(busy) at once if another process holds it (two
+    trainers in one run directory, two prepares of one store would interleave their
+    files). ``busy`` None: wait for it (several ranks generating one dataset: the first
+    writes it, the others then find it complete). The lock dies with its process, so a
+    killed process never leaves a stale one. Not on Windows (no flock): skipped there.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX if busy is None else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise AlexNetError(busy) from None
+        yield
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write` of a UTF-8 text file."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path: Path, value: Any, **dumps: Any) -> None:
+    """:func:`atomic_write` of ``json.dumps(value, **dumps)`` (default ``indent=1``)."""
+    atomic_write_text(path, json.dumps(value, **({"indent": 1} | dumps)))
