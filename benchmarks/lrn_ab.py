@@ -28,7 +28,9 @@ NEW_FORWARD = model_lib.LocalResponseNorm.forward
 
 def old_forward(self: model_lib.LocalResponseNorm, x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
-    y = F.local_response_norm(x.reshape(b * self.groups, c // self.groups, h, w), self.size, self.alpha, self.beta, self.k)
+    y = F.local_response_norm(
+        x.reshape(b * self.groups, c // self.groups, h, w), self.size, self.alpha, self.beta, self.k
+    )
     return y.reshape(b, c, h, w)
 
 

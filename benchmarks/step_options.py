@@ -43,20 +43,26 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = True
     b, classes, crop = args.batch_size, 1000, 224
-    pre = make_preprocess("mean-image", 256, crop, torch.zeros(3, 256, 256), torch.ones(3), torch.ones(3), torch.eye(3)).to(device)
+    pre = make_preprocess(
+        "mean-image", 256, crop, torch.zeros(3, 256, 256), torch.ones(3), torch.ones(3), torch.eye(3)
+    ).to(device)
     bc = BenchConfig(crop_size=crop)
     runs = {}
     for name in args.models.split(","):
         towers = ("grouped", "split") if name == "paper" else ("grouped",)
-        for amp, cl, tw, comp in itertools.product(args.amp.split(","), (False, True), towers, (False, True) if args.compile else (False,)):
-            options = StepOptions(amp, cl, comp, tw, flush_denormal=device.type == "cpu", compile_mode=args.compile_mode)
+        for amp, cl, tw, comp in itertools.product(
+            args.amp.split(","), (False, True), towers, (False, True) if args.compile else (False,)
+        ):
+            options = StepOptions(
+                amp, cl, comp, tw, flush_denormal=device.type == "cpu", compile_mode=args.compile_mode
+            )
             step = our_step(name, classes, bc, options, pre, device)
             x = torch.randn(b, 3, crop, crop, device=device).contiguous(memory_format=step.memory_format)
             y = torch.randint(0, classes, (b,), device=device)
             step.model_step(x, y)  # warm-up (and compilation)
             key = f"{name} amp={amp} channels_last={cl} towers={tw} compile={comp}"
             step.optimizer.zero_grad(set_to_none=True)  # 4 bytes per parameter less while the others run
-            runs[key] = (lambda s=step, x=x, y=y: (s.model_step(x, y), s.optimizer.zero_grad(set_to_none=True)))
+            runs[key] = lambda s=step, x=x, y=y: (s.model_step(x, y), s.optimizer.zero_grad(set_to_none=True))
     import torchvision
 
     ref = torchvision.models.alexnet(num_classes=classes).to(device)

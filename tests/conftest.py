@@ -76,7 +76,12 @@ def make_jpeg() -> Callable[..., Path]:
 
 
 def write_tiny_checkpoint(
-    path: Path, classes: list[str], names: list[str] | None = None, seed: int = 0, image_size: int = 32, crop_size: int = 28
+    path: Path,
+    classes: list[str],
+    names: list[str] | None = None,
+    seed: int = 0,
+    image_size: int = 32,
+    crop_size: int = 28,
 ) -> Path:
     """An untrained but complete checkpoint of a small paper-pattern network (no training needed).
 
@@ -94,12 +99,25 @@ def write_tiny_checkpoint(
     cfg = Config()
     cfg.data.image_size, cfg.data.crop_size, cfg.data.normalize = image_size, crop_size, "mean-image-std"
     cfg.model = ModelConfig(
-        num_classes=len(classes), width=0.125, fc_width=32, conv1_kernel=5, conv1_stride=1, init="kaiming", input_size=crop_size
+        num_classes=len(classes),
+        width=0.125,
+        fc_width=32,
+        conv1_kernel=5,
+        conv1_stride=1,
+        init="kaiming",
+        input_size=crop_size,
     )
     model = build_model(cfg.model)
     mean = torch.rand(3, image_size, image_size) * 40 + 100
-    pre = make_preprocess("mean-image-std", image_size, crop_size, mean, torch.full((3,), 60.0), torch.ones(3) * 0.01, torch.eye(3))
-    state = {"config": cfg.to_dict(), "model": model.state_dict(), "preprocess": pre.state_dict(), "classes": list(classes)}
+    pre = make_preprocess(
+        "mean-image-std", image_size, crop_size, mean, torch.full((3,), 60.0), torch.ones(3) * 0.01, torch.eye(3)
+    )
+    state = {
+        "config": cfg.to_dict(),
+        "model": model.state_dict(),
+        "preprocess": pre.state_dict(),
+        "classes": list(classes),
+    }
     if names is not None:
         state["class_names"] = list(names)
     path.parent.mkdir(parents=True, exist_ok=True)

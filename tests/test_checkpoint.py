@@ -100,7 +100,10 @@ def test_disk_full_mid_write_keeps_previous_and_says_so(tmp_path: Path, monkeypa
     save_checkpoint(path, make_state(step=1, seed=1))
     before = path.read_bytes()
     monkeypatch.setattr(torch, "save", half_then_fail(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
-    with pytest.raises(AlexNetError, match=r"cannot write checkpoint .*last.pt: No space left on device .*the previous last.pt is intact"):
+    with pytest.raises(
+        AlexNetError,
+        match=r"cannot write checkpoint .*last.pt: No space left on device .*the previous last.pt is intact",
+    ):
         save_checkpoint(path, make_state(step=2, seed=2))
     assert path.read_bytes() == before
     assert load_checkpoint(path)["step"] == 1
@@ -165,7 +168,9 @@ def save_half_and_die(obj, f):
 torch.save = save_half_and_die
 save_checkpoint({str(path)!r}, make_state(step=2))
 """
-    result = subprocess.run([sys.executable, "-c", code], env=_subprocess_env(), capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=_subprocess_env(), capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr
     [partial] = partial_files(tmp_path)
     assert partial.stat().st_size > 0  # the half-written file is there, under another name
@@ -290,8 +295,11 @@ def _write_raw_pickle(protocol: int):
     [_write_zip, _write_legacy, _write_raw_pickle(0), _write_raw_pickle(2), _write_raw_pickle(5)],
     ids=["torch-zip", "torch-legacy", "pickle-0", "pickle-2", "pickle-5"],
 )
-@pytest.mark.parametrize("load", [load_checkpoint, load_for_inference, lambda p: load_for_resume(p.parent)],
-                         ids=["load", "inference", "resume"])
+@pytest.mark.parametrize(
+    "load",
+    [load_checkpoint, load_for_inference, lambda p: load_for_resume(p.parent)],
+    ids=["load", "inference", "resume"],
+)
 def test_crafted_pickle_never_executes(tmp_path: Path, exploit: type, write: Any, load: Any) -> None:
     marker = tmp_path / "EXPLOITED"
     path = tmp_path / "last.pt"
@@ -354,7 +362,9 @@ def test_config_asking_for_a_huge_network_allocates_nothing(tmp_path: Path) -> N
     # network is built on the meta device and its shapes compared with the file's first.
     state = make_state()
     state["config"]["model"]["fc_width"] = 2**20
-    with pytest.raises(AlexNetError, match=r"does not match its own config: fc6.weight is \(32, .*\) in the file, \(1048576, .*\)"):
+    with pytest.raises(
+        AlexNetError, match=r"does not match its own config: fc6.weight is \(32, .*\) in the file, \(1048576, .*\)"
+    ):
         model_from_checkpoint(state, "huge.pt")
 
 

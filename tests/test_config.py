@@ -77,7 +77,9 @@ def test_unknown_key_in_file_names_it_and_suggests(tmp_path: Path) -> None:
 
 
 def test_unknown_key_in_override_names_it_and_suggests() -> None:
-    with pytest.raises(AlexNetError, match=r"unknown config key 'data.crop' in command line \(did you mean 'crop_size'\?\)"):
+    with pytest.raises(
+        AlexNetError, match=r"unknown config key 'data.crop' in command line \(did you mean 'crop_size'\?\)"
+    ):
         resolve(None, parse_assignments(["data.crop=200"]))
 
 
@@ -258,11 +260,15 @@ def test_apply_overrides_does_not_mutate_its_input() -> None:
         "!!python/module:os",
     ],
 )
-def test_yaml_tags_that_build_objects_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, payload: str) -> None:
+def test_yaml_tags_that_build_objects_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, payload: str
+) -> None:
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "EXPLOITED"
     p = _yaml(tmp_path / "evil.yaml", "optim:\n  lr: " + payload.format(marker=marker) + "\n")
-    with pytest.raises(AlexNetError, match=r"evil.yaml is refused at line 2: could not determine a constructor .*python") as info:
+    with pytest.raises(
+        AlexNetError, match=r"evil.yaml is refused at line 2: could not determine a constructor .*python"
+    ) as info:
         resolve(str(p), {})
     assert "\n" not in str(info.value)
     assert not marker.exists()

@@ -89,7 +89,9 @@ def _tiny_model(seed: int) -> nn.Module:
 
 def _pre(seed: int, std: tuple[float, float, float]) -> Preprocess:
     g = torch.Generator().manual_seed(seed)
-    return Preprocess(torch.rand(3, SIZE, SIZE, generator=g) * 255, torch.tensor(std), torch.ones(3), torch.eye(3), CROP)
+    return Preprocess(
+        torch.rand(3, SIZE, SIZE, generator=g) * 255, torch.tensor(std), torch.ones(3), torch.eye(3), CROP
+    )
 
 
 def _manual_patch_probs(model: nn.Module, pre: Preprocess, images: torch.Tensor, ten: bool) -> np.ndarray:
@@ -97,7 +99,10 @@ def _manual_patch_probs(model: nn.Module, pre: Preprocess, images: torch.Tensor,
     views = [(t, l, False) for t, l in OFFSETS] + [(t, l, True) for t, l in OFFSETS] if ten else [(1, 1, False)]
     out = []
     for top, left, mirrored in views:
-        patch = images[..., top : top + CROP, left : left + CROP].float() - pre.mean[:, top : top + CROP, left : left + CROP]
+        patch = (
+            images[..., top : top + CROP, left : left + CROP].float()
+            - pre.mean[:, top : top + CROP, left : left + CROP]
+        )
         patch = patch / pre.std.view(1, 3, 1, 1)
         if mirrored:
             patch = patch.flip(-1)
@@ -134,7 +139,9 @@ def test_predict_probs_centre_only(ensemble) -> None:
 
 def test_ensemble_averages_softmax_over_models_and_patches(ensemble) -> None:
     images, models, pres = ensemble
-    per_model = [_manual_patch_probs(m, p, images, ten=True) for m, p in zip(models, pres)]  # each its own preprocessing
+    per_model = [
+        _manual_patch_probs(m, p, images, ten=True) for m, p in zip(models, pres)
+    ]  # each its own preprocessing
     got = patch_probs(models, pres, images, ten=True)
     np.testing.assert_allclose(got.double().numpy(), (per_model[0] + per_model[1]) / 2, atol=1e-6)
     final = predict_probs(models, pres, images, ten=True).double().numpy()
@@ -230,4 +237,8 @@ def test_evaluate_no_images() -> None:
 
 
 def test_eval_result_as_dict() -> None:
-    assert EvalResult(0.25, 0.125, 8).as_dict("val_") == {"val_top1_error": 0.25, "val_top5_error": 0.125, "val_images": 8}
+    assert EvalResult(0.25, 0.125, 8).as_dict("val_") == {
+        "val_top1_error": 0.25,
+        "val_top5_error": 0.125,
+        "val_images": 8,
+    }

@@ -1,6 +1,8 @@
 """AlexNet (Krizhevsky, Sutskever & Hinton, NeurIPS 2012): the paper's network, data
 pipeline, training recipe and evaluation, and torchvision's variant."""
 
+from importlib import metadata as _metadata
+
 from alexnet.checkpoint import load_model
 from alexnet.errors import AlexNetError
 from alexnet.models.alexnet import (
@@ -22,4 +24,8 @@ __all__ = [
     "create_model",
     "load_model",
 ]
-__version__ = "0.1.0"
+
+try:  # one source for the version: pyproject.toml, read back from the installed metadata
+    __version__ = _metadata.version("alexnet")
+except _metadata.PackageNotFoundError:  # the sources on PYTHONPATH without an install
+    __version__ = "0+unknown"

@@ -45,7 +45,7 @@ from safetensors.torch import save as safetensors_bytes
 from alexnet import config as config_lib
 from alexnet.data.augment import Preprocess
 from alexnet.errors import AlexNetError
-from alexnet.files import fsync_dir, temporary_name, atomic_write
+from alexnet.files import atomic_write, fsync_dir, temporary_name
 from alexnet.models.alexnet import AlexNet, build_model
 
 log = logging.getLogger("alexnet")
@@ -55,22 +55,12 @@ VERSION = 2  # 2 added the position inside an epoch, partial epoch sums and rand
 HISTORY = "checkpoints"  # run_dir/checkpoints/step-N.pt
 
 
-
-
-
-
-
-
-
-
 def _write_error(path: Path, e: OSError) -> AlexNetError:
     reason = e.strerror or str(e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         reason += " (free space or raise the quota, then resume)"
     previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
     return AlexNetError(f"cannot write checkpoint {path}: {reason}; {previous}")
-
-
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -156,12 +146,23 @@ def torch_load(path: Path, what: str = "checkpoint") -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     # Random bytes have made the unpickler raise IndexError and struct.error as well.
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, IndexError, struct.error) as e:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        ValueError,
+        IndexError,
+        struct.error,
+    ) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         unsupported = [line for line in lines if "unsupported global" in line.lower()]
         if unsupported:
             # weights_only's unpickler met a reference to code: refuse, never import it.
-            raise AlexNetError(f"refusing {path}: it holds objects other than tensors and plain data ({unsupported[0]})") from None
+            raise AlexNetError(
+                f"refusing {path}: it holds objects other than tensors and plain data ({unsupported[0]})"
+            ) from None
         reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(e).__name__)
         raise AlexNetError(f"cannot read {what} {path}: damaged or not a PyTorch file ({reason})") from None
 
@@ -187,12 +188,12 @@ def load_checkpoint(path: str | Path, *, for_training: bool = False) -> dict[str
         hint = ""
         if isinstance(state, dict) and "features.0.weight" in state:
             hint = "; for torchvision weights run: alexnet import-weights FILE --format torchvision --out CKPT"
-        raise AlexNetError(
-            f"{path} is not an alexnet checkpoint (a bare state_dict or another program's file){hint}"
-        )
+        raise AlexNetError(f"{path} is not an alexnet checkpoint (a bare state_dict or another program's file){hint}")
     version = state.get("version")
     if not isinstance(version, int) or version > VERSION:
-        raise AlexNetError(f"{path} was written by a newer alexnet (format {version!r}, this one reads up to {VERSION})")
+        raise AlexNetError(
+            f"{path} was written by a newer alexnet (format {version!r}, this one reads up to {VERSION})"
+        )
     _check_structure(state, path, for_training)
     _check_state(state, path)
     return state
@@ -201,15 +202,15 @@ def load_checkpoint(path: str | Path, *, for_training: bool = False) -> dict[str
 def _check_state(state: dict[str, Any], path: Path) -> None:
     version = state.get("version")
     if not isinstance(version, int) or version > VERSION:
-        raise AlexNetError(f"{path} was written by a newer alexnet (format {version!r}, this one reads up to {VERSION})")
+        raise AlexNetError(
+            f"{path} was written by a newer alexnet (format {version!r}, this one reads up to {VERSION})"
+        )
     missing = [k for k in ("config", "model", "preprocess", "classes") if k not in state]
     if missing:
         raise AlexNetError(f"checkpoint {path} lacks {', '.join(missing)}; expected a file written by alexnet")
     names = state.get("class_names")
     if names is not None and len(names) != len(state["classes"]):
-        raise AlexNetError(
-            f"checkpoint {path} has {len(names)} class names for {len(state['classes'])} classes"
-        )
+        raise AlexNetError(f"checkpoint {path} has {len(names)} class names for {len(state['classes'])} classes")
 
 
 # Metadata keys of a .safetensors checkpoint; each value is a JSON string (safetensors
@@ -267,14 +268,21 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
             "source": values.get("source", ""),
         }
     except (KeyError, json.JSONDecodeError) as e:
-        raise AlexNetError(f"{path}: alexnet safetensors metadata is incomplete or damaged (missing or bad {e})") from None
+        raise AlexNetError(
+            f"{path}: alexnet safetensors metadata is incomplete or damaged (missing or bad {e})"
+        ) from None
     if values.get("class_names"):
         state["class_names"] = values["class_names"]
     return state
 
 
 # What a checkpoint must hold, by use; anything else in the file is ignored.
-_INFERENCE_KEYS: dict[str, type | tuple[type, ...]] = {"config": dict, "model": dict, "preprocess": dict, "classes": list}
+_INFERENCE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "config": dict,
+    "model": dict,
+    "preprocess": dict,
+    "classes": list,
+}
 _TRAINING_KEYS: dict[str, type | tuple[type, ...]] = {
     "optimizer": dict,
     "schedule": dict,
@@ -318,8 +326,11 @@ def _check_structure(state: dict[str, Any], path: Path, for_training: bool) -> N
         or not isinstance(crop, int)
         or not 0 < crop <= mean.shape[-1]
     ):
-        raise _malformed(path, "preprocess should hold a (3, S, S) mean image, (3,) std and eigenvalues, (3, 3) "
-                         "eigenvectors and a crop size of at most S")
+        raise _malformed(
+            path,
+            "preprocess should hold a (3, S, S) mean image, (3,) std and eigenvalues, (3, 3) "
+            "eigenvectors and a crop size of at most S",
+        )
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:
@@ -376,9 +387,13 @@ def load_model(
     num_classes=1000)`` names what the file holds instead of a wall of state_dict keys."""
     state = load_checkpoint(path)
     saved = state["config"]["model"]
-    if (name is not None and saved["name"] != name) or (num_classes is not None and saved["num_classes"] != num_classes):
+    if (name is not None and saved["name"] != name) or (
+        num_classes is not None and saved["num_classes"] != num_classes
+    ):
         want = f"'{name or saved['name']}' with {num_classes or saved['num_classes']} classes"
-        raise AlexNetError(f"{path} holds a '{saved['name']}' model with {saved['num_classes']} classes; expected {want}")
+        raise AlexNetError(
+            f"{path} holds a '{saved['name']}' model with {saved['num_classes']} classes; expected {want}"
+        )
     model = model_from_checkpoint(state, path).to(device).eval()
     classes = list(state["classes"])
     return LoadedModel(
@@ -405,8 +420,11 @@ def load_for_resume(run_dir: Path) -> tuple[dict[str, Any], Path]:
     run_dir = Path(run_dir)
     removed = remove_partial_writes(run_dir)
     if removed:
-        log.warning("removed %d partial checkpoint file(s) left by an interrupted write: %s",
-                    len(removed), ", ".join(p.name for p in removed))
+        log.warning(
+            "removed %d partial checkpoint file(s) left by an interrupted write: %s",
+            len(removed),
+            ", ".join(p.name for p in removed),
+        )
     candidates = [run_dir / "last.pt"] + [p for _, p in reversed(history(run_dir))]
     first_error: AlexNetError | None = None
     for candidate in candidates:

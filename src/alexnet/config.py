@@ -135,7 +135,9 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("alexnet").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("alexnet").joinpath("configs").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -199,9 +201,7 @@ def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
             raise AlexNetError(f"unknown config key '{dotted}' in {origin}{_suggest(dotted, all_keys)}")
         fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
         if key not in fields:
-            raise AlexNetError(
-                f"unknown config key '{section}.{key}' in {origin}{_suggest(key, list(fields))}"
-            )
+            raise AlexNetError(f"unknown config key '{section}.{key}' in {origin}{_suggest(key, list(fields))}")
         annotation = str(fields[key].type)
         sections[section][key] = _coerce(section, key, value, sections[section][key], annotation)
     return Config(**{name: SECTIONS[name](**d) for name, d in sections.items()})
@@ -219,7 +219,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
     except yaml.constructor.ConstructorError as e:
         # safe_load builds no objects: a tag such as !!python/object/apply is refused here.
         where = f" at line {e.problem_mark.line + 1}" if e.problem_mark else ""
-        raise AlexNetError(f"config file {path} is refused{where}: {e.problem} (only plain YAML values are allowed)") from None
+        raise AlexNetError(
+            f"config file {path} is refused{where}: {e.problem} (only plain YAML values are allowed)"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -57,7 +57,11 @@ class EvalResult:
     images: int
 
     def as_dict(self, prefix: str = "") -> dict[str, float | int]:
-        return {f"{prefix}top1_error": self.top1_error, f"{prefix}top5_error": self.top5_error, f"{prefix}images": self.images}
+        return {
+            f"{prefix}top1_error": self.top1_error,
+            f"{prefix}top5_error": self.top5_error,
+            f"{prefix}images": self.images,
+        }
 
 
 def evaluate(
@@ -97,5 +101,7 @@ def evaluate(
     c = counts.tolist()
     n = c[-1]
     nan = float("nan")
-    results = {v: EvalResult(c[2 * i] / n if n else nan, c[2 * i + 1] / n if n else nan, n) for i, v in enumerate(views)}
+    results = {
+        v: EvalResult(c[2 * i] / n if n else nan, c[2 * i + 1] / n if n else nan, n) for i, v in enumerate(views)
+    }
     return results, skipped

@@ -21,5 +21,3 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AlexNetError(f"device {name} requested but CUDA is not available on this machine")
     return device
-
-

@@ -191,7 +191,9 @@ def cycle(loader: Any, sampler: EpochBatchSampler) -> Iterator[Batch]:
         epoch += 1
 
 
-def _conv_backward_flops(grad_out_shape: Any, x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def _conv_backward_flops(
+    grad_out_shape: Any, x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     """torch.utils.flop_counter's convolution backward, with grouped weight gradients counted once.
 
     torch (2.14) counts the weight gradient of a grouped convolution as if it were not
@@ -289,7 +291,9 @@ def _our_model(name: str, classes: int, crop: int, device: torch.device) -> torc
     return build_model(model_config(name, classes, input_size=crop)).to(device)
 
 
-def our_step(name: str, classes: int, bc: BenchConfig, options: StepOptions, pre: Any, device: torch.device) -> TrainStep:
+def our_step(
+    name: str, classes: int, bc: BenchConfig, options: StepOptions, pre: Any, device: torch.device
+) -> TrainStep:
     """This project's training step for network ``name`` (seeded weights, the paper's optimiser)."""
     model = _our_model(name, classes, bc.crop_size, device)
     optimizer = PaperSGD(param_groups(model, 5e-4, True), lr=0.01, momentum=0.9)
@@ -297,7 +301,15 @@ def our_step(name: str, classes: int, bc: BenchConfig, options: StepOptions, pre
 
 
 def measure_model_step(
-    name: str, label: str, step: TrainStep, bc: BenchConfig, batch: int, classes: int, device: torch.device, options: StepOptions, override: float | None
+    name: str,
+    label: str,
+    step: TrainStep,
+    bc: BenchConfig,
+    batch: int,
+    classes: int,
+    device: torch.device,
+    options: StepOptions,
+    override: float | None,
 ) -> Measurement:
     x = torch.randn(batch, 3, bc.crop_size, bc.crop_size, device=device).contiguous(memory_format=step.memory_format)
     y = torch.randint(0, classes, (batch,), device=device)
@@ -330,7 +342,9 @@ def reference_loader(root: Path, batch: int, crop: int, workers: int, device: to
     return loader, dataset
 
 
-def reference_step(classes: int, device: torch.device) -> tuple[Callable[[torch.Tensor, torch.Tensor], float], torch.nn.Module]:
+def reference_step(
+    classes: int, device: torch.device
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], float], torch.nn.Module]:
     """pytorch/examples' loop body: torchvision alexnet, float32 eager, SGD, a loss.item() per step."""
     import torchvision
 
@@ -371,7 +385,9 @@ def _ours_data(split: Any, pre: Any, bc: BenchConfig, device: torch.device) -> M
     return Measurement("ours: data", n / seconds, seconds, n)
 
 
-def _ours_end_to_end(split: Any, step: TrainStep, bc: BenchConfig, device: torch.device, like: Measurement) -> Measurement:
+def _ours_end_to_end(
+    split: Any, step: TrainStep, bc: BenchConfig, device: torch.device, like: Measurement
+) -> Measurement:
     sampler = EpochBatchSampler(len(split), bc.batch_size, shuffle=True, seed=1)
     gen = torch.Generator(device).manual_seed(1)
     batches = cycle(StoreLoader(split, sampler, device), sampler)
@@ -383,7 +399,9 @@ def _ours_end_to_end(split: Any, step: TrainStep, bc: BenchConfig, device: torch
     seconds = timed(end_to_end, bc.steps, bc.warmup, device)
     batches.close()
     n = bc.batch_size * bc.steps
-    return Measurement("ours: end to end", n / seconds, seconds, n, like.flops_per_image, like.dtype, like.peak_flops, like.peak_source)
+    return Measurement(
+        "ours: end to end", n / seconds, seconds, n, like.flops_per_image, like.dtype, like.peak_flops, like.peak_source
+    )
 
 
 def _reference(root: Path, classes: int, bc: BenchConfig, workers: int, device: torch.device) -> dict[str, Measurement]:
@@ -420,7 +438,9 @@ def _reference(root: Path, classes: int, bc: BenchConfig, workers: int, device: 
         step(images.to(device, non_blocking=True), target.to(device, non_blocking=True))
 
     seconds = timed(end_to_end, bc.steps, bc.warmup, device)
-    out["reference_end_to_end"] = Measurement("reference: end to end", n / seconds, seconds, n, flops, kind, peak, source)
+    out["reference_end_to_end"] = Measurement(
+        "reference: end to end", n / seconds, seconds, n, flops, kind, peak, source
+    )
     log.info("reference end to end: %.1f images/s", out["reference_end_to_end"].images_per_s)
     batches.close()
     return out
@@ -438,7 +458,9 @@ def run_bench(bc: BenchConfig) -> dict[str, Any]:
         w, h = bc.source_size
         root = make_bench_images(cache_dir() / f"bench-{bc.images}-{w}x{h}", bc.images, size=(w, h), workers=workers)
     if bc.baseline and not (root / "train").is_dir():
-        raise AlexNetError(f"the reference pipeline reads an ImageFolder tree ({root}/train/<class>/); use --no-baseline")
+        raise AlexNetError(
+            f"the reference pipeline reads an ImageFolder tree ({root}/train/<class>/); use --no-baseline"
+        )
     store_path = Path(bc.store) if bc.store else root.with_name(root.name + f".store{bc.image_size}")
 
     from alexnet.data.prepare import prepare
@@ -473,13 +495,17 @@ def run_bench(bc: BenchConfig) -> dict[str, Any]:
     variants = []
     if bc.towers and bc.model == "paper":
         other = "split" if options.tower_convs == "grouped" else "grouped"
-        variants.append((f"ours_step_towers_{other}", "paper", f"ours: step, {other} towers", replace(options, tower_convs=other)))
+        variants.append(
+            (f"ours_step_towers_{other}", "paper", f"ours: step, {other} towers", replace(options, tower_convs=other))
+        )
     if bc.model != "torchvision":
         tv_options = resolve_options(bc.speed, device, "torchvision")
         variants.append(("ours_step_torchvision_arch", "torchvision", "ours: step, torchvision's network", tv_options))
     for key, name, label, opts in variants:
         variant = our_step(name, classes, bc, opts, pre, device)
-        results[key] = measure_model_step(name, label, variant, bc, bc.batch_size, classes, device, opts, bc.peak_tflops)
+        results[key] = measure_model_step(
+            name, label, variant, bc, bc.batch_size, classes, device, opts, bc.peak_tflops
+        )
         log.info("%s: %.1f images/s", label, results[key].images_per_s)
 
     if bc.baseline:
@@ -532,11 +558,15 @@ def _summarise(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "environment": _environment(device),
-        "config": {k: (v if not isinstance(v, (SpeedConfig, tuple)) else (list(v) if isinstance(v, tuple) else vars(v)))
-                   for k, v in vars(bc).items()},  # fmt: skip
+        "config": {
+            k: (v if not isinstance(v, (SpeedConfig, tuple)) else (list(v) if isinstance(v, tuple) else vars(v)))
+            for k, v in vars(bc).items()
+        },  # fmt: skip
         "options": options.as_dict(),
         "store": str(store_path),
-        "prepare": prepare_report if prepare_report["images"] else {**prepare_report, "note": "store existed; not timed"},
+        "prepare": prepare_report
+        if prepare_report["images"]
+        else {**prepare_report, "note": "store existed; not timed"},
         "results": {k: {"name": m.name, **m.as_dict()} for k, m in results.items()},
         "model_step_by_batch_size": [m.as_dict() for m in steps_by_batch],
         "best_model_step": best.as_dict(),
@@ -547,14 +577,18 @@ def _summarise(
         if ours and ref:
             ratios[what] = ours.images_per_s / ref.images_per_s
     if "ours_step_torchvision_arch" in results and "reference_step" in results:
-        ratios["step_same_network"] = results["ours_step_torchvision_arch"].images_per_s / results["reference_step"].images_per_s
+        ratios["step_same_network"] = (
+            results["ours_step_torchvision_arch"].images_per_s / results["reference_step"].images_per_s
+        )
     out["ratios_to_reference"] = ratios
     e2e, step = results["ours_end_to_end"].images_per_s, results["ours_step"].images_per_s
     out["end_to_end_over_step"] = e2e / step
     out["data_over_step"] = results["ours_data"].images_per_s / step
     out["projected_paper_training_hours"] = PAPER_EPOCHS * IMAGENET_TRAIN_IMAGES / e2e / 3600
     targets: dict[str, Any] = {
-        "end_to_end_at_least_10x_reference": ratios.get("end_to_end", math.nan) >= 10 if "end_to_end" in ratios else None,
+        "end_to_end_at_least_10x_reference": ratios.get("end_to_end", math.nan) >= 10
+        if "end_to_end" in ratios
+        else None,
         "best_step_mfu_at_least_25pct": (best.mfu >= 0.25) if best.mfu is not None else None,
         "end_to_end_within_15pct_of_step": e2e >= 0.85 * step,
         "data_path_faster_than_step": results["ours_data"].images_per_s > step,
@@ -574,18 +608,29 @@ def format_report(result: dict[str, Any]) -> str:
         f"our step: {result['options']}",
         f"{'':42s}{'images/s':>12s}{'x reference':>13s}{'MFU':>8s}",
     ]
-    ratio_of = {"ours_data": "data", "ours_step": "step", "ours_end_to_end": "end_to_end", "ours_step_torchvision_arch": "step_same_network"}
+    ratio_of = {
+        "ours_data": "data",
+        "ours_step": "step",
+        "ours_end_to_end": "end_to_end",
+        "ours_step_torchvision_arch": "step_same_network",
+    }
     for key, m in r.items():
         ratio = ratios.get(ratio_of.get(key, ""))
         lines.append(
             f"{m['name']:42s}{m['images_per_s']:12.1f}{'' if ratio is None else f'{ratio:.2f}x':>13s}{_pct(m['mfu']):>8s}"
         )
     best = result["best_model_step"]
-    lines.append(f"best model step: batch {best['batch_size']}, {best['images_per_s']:.1f} images/s, MFU {_pct(best['mfu'])}")
+    lines.append(
+        f"best model step: batch {best['batch_size']}, {best['images_per_s']:.1f} images/s, MFU {_pct(best['mfu'])}"
+    )
     p = result["prepare"]
     if p["images"]:
-        lines.append(f"prepare: {p['images_per_s']:.1f} images/s with {p['workers']} workers, {p['images_per_s_per_worker']:.1f} per worker")
-    lines.append(f"end to end / step alone: {result['end_to_end_over_step']:.2f}; data path / step: {result['data_over_step']:.2f}")
+        lines.append(
+            f"prepare: {p['images_per_s']:.1f} images/s with {p['workers']} workers, {p['images_per_s_per_worker']:.1f} per worker"
+        )
+    lines.append(
+        f"end to end / step alone: {result['end_to_end_over_step']:.2f}; data path / step: {result['data_over_step']:.2f}"
+    )
     lines.append(f"projected 90 epochs over 1.28M images: {result['projected_paper_training_hours']:.1f} h")
     lines.append("targets: " + ", ".join(f"{k}={v}" for k, v in result["targets"].items()))
     return "\n".join(lines)

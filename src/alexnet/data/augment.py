@@ -44,7 +44,7 @@ class Preprocess:
     def image_size(self) -> int:
         return self.mean.shape[-1]
 
-    def to(self, device: torch.device | str) -> "Preprocess":
+    def to(self, device: torch.device | str) -> Preprocess:
         return Preprocess(
             self.mean.to(device), self.std.to(device), self.eigvals.to(device), self.eigvecs.to(device), self.crop_size
         )
@@ -59,7 +59,7 @@ class Preprocess:
         }
 
     @classmethod
-    def from_state_dict(cls, d: dict) -> "Preprocess":
+    def from_state_dict(cls, d: dict) -> Preprocess:
         return cls(d["mean"].float(), d["std"].float(), d["eigvals"].float(), d["eigvecs"].float(), int(d["crop_size"]))
 
 

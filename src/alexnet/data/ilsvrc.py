@@ -160,7 +160,9 @@ def read_devkit(path: Path) -> Devkit:
     return Devkit(leaves, dict(zip(wnids, words)), [id_to_wnid[i] for i in truth])
 
 
-def scan_ilsvrc(folder: str | Path) -> tuple[list[str], dict[str, str], dict[str, tuple[Path, list[Member], list[int]]]]:
+def scan_ilsvrc(
+    folder: str | Path,
+) -> tuple[list[str], dict[str, str], dict[str, tuple[Path, list[Member], list[int]]]]:
     """Classes, their words, and per split (archive, members, labels) of an ILSVRC-2012 folder."""
     folder = Path(folder)
     missing = [name for name in (TRAIN_TAR, VAL_TAR, DEVKIT) if not (folder / name).is_file()]

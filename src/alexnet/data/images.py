@@ -181,28 +181,5 @@ class ImageFolderDataset(Dataset):
         return torch.from_numpy(array).permute(2, 0, 1).contiguous(), label, ""
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # --------------------------------------------------------------------------------------
 # Training-set statistics: the mean image (section 2) and the RGB PCA (section 4.1)
-
-
-
-
-
-
-
-
-
-
-

@@ -131,5 +131,3 @@ def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int) -> D
         # dropout masks than the uninterrupted one.
         generator=torch.Generator().manual_seed(0),
     )
-
-

@@ -27,10 +27,11 @@ import os
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -336,7 +337,12 @@ def prepare(
 
 
 def _finish(
-    dest: Path, source: Source, params: dict[str, Any], done: dict[tuple[str, int], dict[str, Any]], workers: int, progress: bool
+    dest: Path,
+    source: Source,
+    params: dict[str, Any],
+    done: dict[tuple[str, int], dict[str, Any]],
+    workers: int,
+    progress: bool,
 ) -> dict[str, Any]:
     """Labels with skipped slots marked, the training statistics, then the header (last, atomically)."""
     from tqdm import tqdm
@@ -364,10 +370,12 @@ def _finish(
             "chunk_crc32": [r["crc32"] for r in records],
             "skipped": [{"slot": slot, "item": item, "reason": reason} for slot, item, reason in skipped],
         }
-        for slot, item, reason in skipped[:20]:
+        for _slot, item, reason in skipped[:20]:
             log.warning("skipped %s: %s", item, reason)
         if len(skipped) > 20:
-            log.warning("... and %d more unreadable %s images (all listed in %s)", len(skipped) - 20, name, store.HEADER)
+            log.warning(
+                "... and %d more unreadable %s images (all listed in %s)", len(skipped) - 20, name, store.HEADER
+            )
 
     labels = labels_by_split["train"]
     path = str(dest / store.images_file("train"))

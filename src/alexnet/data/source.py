@@ -6,9 +6,10 @@ about what a ``--data`` path means.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -73,5 +74,3 @@ def open_training_data(
     return TrainingData(
         f"folder {root}", train_images.classes, {k: len(v) for k, v in lists.items()}, folder_stats, folder_loader
     )
-
-

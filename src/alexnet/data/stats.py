@@ -38,7 +38,7 @@ class DataStats:
         }
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "DataStats":
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> DataStats:
         return cls(t["mean_image"], t["pixel_std"], t["eigvals"], t["eigvecs"], int(t["count"]))
 
 
@@ -82,8 +82,6 @@ class StatsAccumulator:
             eigvecs=eigvecs.float(),
             count=self.count,
         )
-
-
 
 
 def _fingerprint(images: ImageList, image_size: int, max_images: int) -> str:
@@ -133,5 +131,3 @@ def compute_stats(
     np.savez(tmp, skipped=np.array(skipped, dtype=str), **arrays)
     os.replace(tmp, path)
     return stats, skipped
-
-

@@ -231,8 +231,12 @@ def open_store(path: str | Path, image_size: int | None = None) -> Store:
             what = "truncated" if actual < expected_bytes else "longer than its header says"
             raise AlexNetError(f"{ipath} is {what}: {actual:,} bytes, expected {expected_bytes:,}")
         labels = np.load(_check_small_file(root, info["labels"], info["labels_sha256"]), allow_pickle=False)
-        if labels.shape != (shape[0],) or (len(labels) and (labels.min() < -1 or labels.max() >= len(header["classes"]))):
-            raise AlexNetError(f"{root / info['labels']} does not fit the store ({labels.shape}, {len(header['classes'])} classes)")
+        if labels.shape != (shape[0],) or (
+            len(labels) and (labels.min() < -1 or labels.max() >= len(header["classes"]))
+        ):
+            raise AlexNetError(
+                f"{root / info['labels']} does not fit the store ({labels.shape}, {len(header['classes'])} classes)"
+            )
         images = np.load(ipath, mmap_mode="r")
         splits[name] = StoreSplit(name, images, labels, info)
     for key in STATS_KEYS:
@@ -264,7 +268,7 @@ def verify_store(path: str | Path, workers: int = -1, progress: bool = False) ->
     workers = resolve_workers(workers)
     bar = tqdm(total=len(tasks), desc="verify", unit="chunk", disable=not progress)
     with ProcessPoolExecutor(max(1, workers)) as pool:
-        for (name, k, crc), (file, start, stop), got in zip(names, tasks, pool.map(_crc_chunk, tasks, chunksize=4)):
+        for (_name, k, crc), (file, start, stop), got in zip(names, tasks, pool.map(_crc_chunk, tasks, chunksize=4)):
             if got != crc:
                 problems.append(f"{file}: images {start}-{stop - 1} (chunk {k}) do not match their checksum")
             bar.update()
@@ -346,7 +350,3 @@ class StoreLoader:
 
 # --------------------------------------------------------------------------------------
 # One entry point for training: an ImageFolder tree or a store
-
-
-
-

@@ -167,8 +167,7 @@ def _star(inner: float) -> np.ndarray:
 def _cross(half_width: float) -> np.ndarray:
     a, w = 1.0, half_width
     return np.array(
-        [(w, a), (w, w), (a, w), (a, -w), (w, -w), (w, -a),
-         (-w, -a), (-w, -w), (-a, -w), (-a, w), (-w, w), (-w, a)]
+        [(w, a), (w, w), (a, w), (a, -w), (w, -w), (w, -a), (-w, -a), (-w, -w), (-a, -w), (-a, w), (-w, w), (-w, a)]
     )
 
 
@@ -207,7 +206,7 @@ def _shape_mask(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
     draw = ImageDraw.Draw(canvas)
     draw.polygon(pts[: len(unit)], fill=255)
     if outlined:
-        draw.polygon(pts[len(unit):], fill=0)
+        draw.polygon(pts[len(unit) :], fill=0)
     return np.asarray(canvas)
 
 

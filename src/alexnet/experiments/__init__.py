@@ -576,7 +576,11 @@ def relu_vs_tanh(
     done = run.run_all(
         figure1_run,
         shared,
-        {f"{act}-seed{s}": Figure1Job(act, chosen[act], settings.epochs, s) for act in acts for s in range(settings.seeds)},
+        {
+            f"{act}-seed{s}": Figure1Job(act, chosen[act], settings.epochs, s)
+            for act in acts
+            for s in range(settings.seeds)
+        },
         device,
         workers,
     )

@@ -95,9 +95,7 @@ class ModelConfig:
                 and getattr(self, f.name) != getattr(defaults, f.name)
             ]
             if changed:
-                raise AlexNetError(
-                    f"option(s) {', '.join(changed)} apply only to the paper variant, not 'torchvision'"
-                )
+                raise AlexNetError(f"option(s) {', '.join(changed)} apply only to the paper variant, not 'torchvision'")
 
 
 def model_config(name: str = "paper", num_classes: int = 1000, **options: Any) -> ModelConfig:

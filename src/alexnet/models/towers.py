@@ -79,7 +79,9 @@ class TowerParallelAlexNet(nn.Module):
             raise AlexNetError("model parallelism needs all five convolutional layers (model.remove_conv is set)")
         for lrn in (full.lrn1, full.lrn2):
             if isinstance(lrn, LocalResponseNorm) and lrn.groups != 2:
-                raise AlexNetError(f"LRN convention {cfg.lrn!r} normalises across towers; use lrn=paper (per tower) or none")
+                raise AlexNetError(
+                    f"LRN convention {cfg.lrn!r} normalises across towers; use lrn=paper (per tower) or none"
+                )
         if cfg.num_classes % 2:
             raise AlexNetError(f"fc8 is split in two halves: num_classes must be even; got {cfg.num_classes}")
         self.rank = dist.get_rank() if rank is None else rank

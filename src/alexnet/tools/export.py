@@ -106,7 +106,9 @@ def parity(reference: nn.Module, candidate: Callable[[Tensor], Tensor], crop: in
         ref = reference(x)
         out = candidate(x)
         if tuple(out.shape) != tuple(ref.shape):
-            raise AlexNetError(f"the exported model returned shape {tuple(out.shape)} for batch {batch}; expected {tuple(ref.shape)}")
+            raise AlexNetError(
+                f"the exported model returned shape {tuple(out.shape)} for batch {batch}; expected {tuple(ref.shape)}"
+            )
         diff = max(diff, (out.double() - ref.double()).abs().max().item())
         scale = max(scale, ref.abs().max().item())
     return diff, scale

@@ -101,7 +101,9 @@ def extract_features(
             kept += batch.labels.tolist()
     if not kept:
         raise AlexNetError(f"none of the {len(rel)} images under {root} could be decoded (e.g. {skipped[0]})")
-    return FeatureIndex(str(root), [rel[i] for i in kept], np.concatenate(feats), model_fingerprint(loaded.model), skipped)
+    return FeatureIndex(
+        str(root), [rel[i] for i in kept], np.concatenate(feats), model_fingerprint(loaded.model), skipped
+    )
 
 
 def save_index(index: FeatureIndex, path: str | Path) -> Path:

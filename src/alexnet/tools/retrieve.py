@@ -26,7 +26,9 @@ from alexnet.tools.features import (
 )
 
 
-def nearest(index: torch.Tensor, queries: torch.Tensor, k: int, block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(
+    index: torch.Tensor, queries: torch.Tensor, k: int, block: int = 65536
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Distances and indices (Q, k) of the k index rows closest to each query, nearest first.
 
     Equal distances keep index order (a stable sort), so results are reproducible.
@@ -121,4 +123,3 @@ def save_png(image: Image.Image, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, "PNG")
     return out
-

@@ -49,7 +49,11 @@ class BodyLimit:
 
     async def _refuse(self, send: Any) -> None:
         body = json.dumps({"detail": f"upload over the {self.limit_shown:,}-byte limit"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -87,7 +91,10 @@ class BodyLimit:
 
 
 def create_app(
-    checkpoint: str | Path, device: str | torch.device = "cpu", max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, topk: int = 5
+    checkpoint: str | Path,
+    device: str | torch.device = "cpu",
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    topk: int = 5,
 ) -> FastAPI:
     loaded = load_model(checkpoint, device)
     lock = threading.Lock()

@@ -152,7 +152,9 @@ def read_metrics(run: str | Path) -> list[dict]:
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
-        raise AlexNetError(f"cannot read {path}: {e.strerror} (expected a run directory holding metrics.jsonl)") from None
+        raise AlexNetError(
+            f"cannot read {path}: {e.strerror} (expected a run directory holding metrics.jsonl)"
+        ) from None
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -182,7 +184,9 @@ def curves_figure(runs: dict[str, list[dict]], dpi: int = 100) -> Figure:
         ax_loss.plot(epochs, _series(rows, "train_loss"), color=colour, label=name)
         ax_err.plot(epochs, _series(rows, "train_error", 100), color=colour, linestyle=":", label=f"{name} train")
         ax_err.plot(epochs, _series(rows, "val_top1_error", 100), color=colour, label=f"{name} val top-1")
-        ax_err.plot(epochs, _series(rows, "val_top5_error", 100), color=colour, linestyle="--", label=f"{name} val top-5")
+        ax_err.plot(
+            epochs, _series(rows, "val_top5_error", 100), color=colour, linestyle="--", label=f"{name} val top-5"
+        )
         ax_lr.plot(epochs, _series(rows, "lr"), color=colour, label=name)
     ax_loss.set(title="training loss", xlabel="epoch")
     ax_err.set(title="error (%)", xlabel="epoch")

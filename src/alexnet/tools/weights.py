@@ -78,7 +78,9 @@ Blobs = dict[str, tuple[np.ndarray, np.ndarray]]  # layer -> (weight, bias), Caf
 # Classes
 
 
-def resolve_classes(num_outputs: int, classes_file: str | Path | None, source: Path) -> tuple[list[str], list[str] | None]:
+def resolve_classes(
+    num_outputs: int, classes_file: str | Path | None, source: Path
+) -> tuple[list[str], list[str] | None]:
     """Class ids and readable names for a final layer with ``num_outputs`` units.
 
     ``classes_file`` holds one class per line, ``id`` or ``id<TAB>name``; without it the
@@ -124,7 +126,9 @@ def read_torchvision(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
 
 
-def _check_state_dict(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: Path, what: str) -> None:
+def _check_state_dict(
+    found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: Path, what: str
+) -> None:
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     if missing or unexpected:
@@ -172,7 +176,9 @@ def _caffe_messages() -> dict[str, type]:
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     f = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(name="alexnet_caffe_subset.proto", package="alexnet_caffe", syntax="proto2")
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="alexnet_caffe_subset.proto", package="alexnet_caffe", syntax="proto2"
+    )
 
     def message(name: str, fields: list[tuple[str, int, int, int, str]]) -> None:
         m = proto.message_type.add(name=name)
@@ -208,7 +214,11 @@ def _caffe_messages() -> dict[str, type]:
     )
     message(
         "LayerParameter",
-        [("name", 1, f.TYPE_STRING, opt, ""), ("type", 2, f.TYPE_STRING, opt, ""), ("blobs", 7, f.TYPE_MESSAGE, rep, "BlobProto")],
+        [
+            ("name", 1, f.TYPE_STRING, opt, ""),
+            ("type", 2, f.TYPE_STRING, opt, ""),
+            ("blobs", 7, f.TYPE_MESSAGE, rep, "BlobProto"),
+        ],
     )
     message(
         "NetParameter",
@@ -501,7 +511,12 @@ def import_caffe(
 
 
 def _checkpoint_state(
-    cfg: Config, model_state: dict[str, torch.Tensor], pre: Preprocess, ids: list[str], names: list[str] | None, source: str
+    cfg: Config,
+    model_state: dict[str, torch.Tensor],
+    pre: Preprocess,
+    ids: list[str],
+    names: list[str] | None,
+    source: str,
 ) -> dict[str, Any]:
     state: dict[str, Any] = {
         "config": cfg.to_dict(),

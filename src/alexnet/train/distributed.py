@@ -101,14 +101,15 @@ def from_env(env: dict[str, str] | None = None) -> Dist:
     if missing:
         raise AlexNetError(
             f"distributed launch incomplete: {', '.join(present)} set but {', '.join(missing)} missing; "
-            "start with torchrun (or alexnet train --nproc N), which sets all of "
-            + ", ".join(RENDEZVOUS_VARS)
+            "start with torchrun (or alexnet train --nproc N), which sets all of " + ", ".join(RENDEZVOUS_VARS)
         )
     try:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", env["RANK"]))
     except ValueError:
-        raise AlexNetError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers; got {env['RANK']!r}, {env['WORLD_SIZE']!r}") from None
+        raise AlexNetError(
+            f"RANK, WORLD_SIZE and LOCAL_RANK must be integers; got {env['RANK']!r}, {env['WORLD_SIZE']!r}"
+        ) from None
     if world < 1 or not 0 <= rank < world:
         raise AlexNetError(f"RANK must be in 0..WORLD_SIZE-1; got RANK={rank}, WORLD_SIZE={world}")
     return Dist(rank, world, local)

@@ -82,5 +82,3 @@ def plateau_schedule(optimizer: torch.optim.Optimizer, cfg: config_lib.OptimConf
         min_lr=cfg.scaled_lr * 0.1**cfg.lr_drops * (1 - 1e-6),
         eps=cfg.scaled_lr * 0.1**cfg.lr_drops * 1e-3,
     )
-
-

@@ -71,14 +71,6 @@ from alexnet.train.step import TrainStep, resolve_options
 log = logging.getLogger("alexnet")
 
 
-
-
-
-
-
-
-
-
 def _seed_for(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
 
@@ -105,7 +97,9 @@ class RunLog:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         except OSError as e:
-            raise AlexNetError(f"cannot append to {self.metrics_path}: {e.strerror or e}; the last checkpoint is intact") from None
+            raise AlexNetError(
+                f"cannot append to {self.metrics_path}: {e.strerror or e}; the last checkpoint is intact"
+            ) from None
         if self.writer is not None:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -247,10 +241,14 @@ def train(cfg: Config) -> Path:
     with distributed.context() as d:
         if (run_dir / "last.pt").exists():
             if distributed.restart_count() > 0:
-                log.warning("restart %d by torchrun: resuming %s from its last checkpoint", distributed.restart_count(), run_dir)
+                log.warning(
+                    "restart %d by torchrun: resuming %s from its last checkpoint", distributed.restart_count(), run_dir
+                )
                 return _resume(run_dir, d, dict(epochs=cfg.optim.epochs, device=cfg.run.device,
                                                 workers=cfg.data.workers, progress=cfg.run.progress))  # fmt: skip
-            raise AlexNetError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+            raise AlexNetError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
+            )
         with _rank_zero_owns(run_dir, d):
             return _run(cfg, None, run_dir, d)
 
@@ -485,7 +483,9 @@ class _Loop:
         # Fault injection for the restart test (tests/test_distributed.py): this rank dies
         # abruptly after that step, on torchrun's first attempt only.
         kill_at = os.environ.get("ALEXNET_FAULT_KILL_AT_STEP", "")
-        self.kill_at = int(kill_at) if kill_at.isdigit() and dist.rank == int(os.environ.get("ALEXNET_FAULT_RANK", "1")) else -1
+        self.kill_at = (
+            int(kill_at) if kill_at.isdigit() and dist.rank == int(os.environ.get("ALEXNET_FAULT_RANK", "1")) else -1
+        )
 
     # -- checkpoints ----------------------------------------------------------------
 
@@ -499,7 +499,9 @@ class _Loop:
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
-            raise AlexNetError(f"checkpoint {path} is malformed: its optimizer or schedule state does not fit the network ({e})") from None
+            raise AlexNetError(
+                f"checkpoint {path} is malformed: its optimizer or schedule state does not fit the network ({e})"
+            ) from None
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 v = self.optimizer.state[p].get("velocity")
@@ -534,14 +536,20 @@ class _Loop:
                 seed = _seed_for(self.cfg.run.seed, epoch) + 2 * batch + _rank_offset(self.dist)
                 torch.manual_seed(seed)
                 if rng.get("world_size", 1) != self.dist.world_size:
-                    log.warning("checkpoint written by %d ranks, resumed with %d: dropout reseeded, the run is not bit-exact",
-                                rng.get("world_size", 1), self.dist.world_size)
+                    log.warning(
+                        "checkpoint written by %d ranks, resumed with %d: dropout reseeded, the run is not bit-exact",
+                        rng.get("world_size", 1),
+                        self.dist.world_size,
+                    )
                 return
         if rng.get("device") != self.device.type:
             # CPU and CUDA generators have different state formats; the run cannot be exact
             # across devices anyway (other kernels), so continue with a fresh seed.
-            log.warning("checkpoint written on %s, resumed on %s: random state reseeded, the run is not bit-exact",
-                        rng.get("device"), self.device.type)
+            log.warning(
+                "checkpoint written on %s, resumed on %s: random state reseeded, the run is not bit-exact",
+                rng.get("device"),
+                self.device.type,
+            )
             seed = _seed_for(self.cfg.run.seed, epoch) + 2 * batch
             torch.manual_seed(seed + _rank_offset(self.dist))
             self.augment_gen.manual_seed(seed + 1)
@@ -589,7 +597,9 @@ class _Loop:
             seen=int(self.dist.all_reduce_sum(seen)),
         )
 
-    def save(self, epoch_done: int, totals: EpochTotals | None, metrics: dict[str, Any] | None = None, best: bool = False) -> Path:
+    def save(
+        self, epoch_done: int, totals: EpochTotals | None, metrics: dict[str, Any] | None = None, best: bool = False
+    ) -> Path:
         """Checkpoint at a batch boundary (``totals``: inside an epoch) or at an epoch end.
 
         Every rank calls it (the partial sums are reduced over ranks); rank 0 writes.
@@ -675,7 +685,9 @@ class _Loop:
                 self._check_finite(epoch, params_too=True)
                 self.save(epoch, totals)
                 start = time.perf_counter()
-                log.info("checkpoint at step %d (epoch %d, batch %d/%d)", self.step, epoch + 1, totals.batches, epoch_batches)
+                log.info(
+                    "checkpoint at step %d (epoch %d, batch %d/%d)", self.step, epoch + 1, totals.batches, epoch_batches
+                )
                 if stop:
                     raise self.stopped(epoch, totals.batches)
         totals.seconds += time.perf_counter() - start
@@ -749,7 +761,9 @@ class _Loop:
             row["images_per_s"],
         )
         if self.optimizer.param_groups[0]["lr"] < lr_before:
-            log.info("validation error stopped improving: lr %.2g -> %.2g", lr_before, self.optimizer.param_groups[0]["lr"])
+            log.info(
+                "validation error stopped improving: lr %.2g -> %.2g", lr_before, self.optimizer.param_groups[0]["lr"]
+            )
 
 
 def _preprocess(cfg: Config, stats: DataStats) -> Preprocess:

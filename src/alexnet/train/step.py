@@ -194,7 +194,9 @@ class TrainStep:
         self.forward = compile_(wrapped) if options.compile else wrapped
         self.update = compile_(optimizer.step) if options.compile and self.scaler is None else optimizer.step
 
-    def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         # Ranks hold equal shares of a global batch (the sampler drops a partial last one),
         # so the global batch is len * world_size and this rank's share starts at rank * len.
         n, d = images.shape[0], self.dist
@@ -207,7 +209,9 @@ class TrainStep:
     def model_step(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """The step on an already augmented float batch (what `alexnet bench` times as "model step")."""
         self.optimizer.zero_grad(set_to_none=True)
-        micro = [(xi, yi) for xi, yi in zip(x.tensor_split(self.accumulate), labels.tensor_split(self.accumulate)) if len(yi)]
+        micro = [
+            (xi, yi) for xi, yi in zip(x.tensor_split(self.accumulate), labels.tensor_split(self.accumulate)) if len(yi)
+        ]
         loss, wrong = torch.zeros((), device=x.device), torch.zeros((), dtype=torch.long, device=x.device)
         for i, (xi, yi) in enumerate(micro):
             # Gradients of all micro-batches add up locally; ranks average them once, at the last.

@@ -66,7 +66,10 @@ def test_index_round_trip(folder, tiny_checkpoint, tmp_path):
 
 def test_cli_features(folder, tiny_checkpoint, tmp_path, capsys, caplog):
     with caplog.at_level("WARNING", logger="alexnet"):
-        assert main(["features", str(tiny_checkpoint), str(folder), "--out", str(tmp_path / "f.npz"), "--workers", "0"]) == 0
+        assert (
+            main(["features", str(tiny_checkpoint), str(folder), "--out", str(tmp_path / "f.npz"), "--workers", "0"])
+            == 0
+        )
     assert "4 images x 32 features, 1 skipped" in capsys.readouterr().out
     assert "broken.jpg" in caplog.text
     with np.load(tmp_path / "f.npz", allow_pickle=False) as z:

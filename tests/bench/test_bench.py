@@ -47,8 +47,14 @@ def test_tiny_bench_writes_all_fields(tmp_path: Path, capsys) -> None:
     )
     assert [m["batch_size"] for m in result["model_step_by_batch_size"]] == [2, 4]
     assert result["prepare"]["images"] == 12 + 10 and result["prepare"]["images_per_s_per_worker"] > 0
-    assert result["projected_paper_training_hours"] == pytest.approx(90 * 1_281_167 / r["ours_end_to_end"]["images_per_s"] / 3600)
-    assert set(result["targets"]) >= {"end_to_end_at_least_10x_reference", "best_step_mfu_at_least_25pct", "end_to_end_within_15pct_of_step"}
+    assert result["projected_paper_training_hours"] == pytest.approx(
+        90 * 1_281_167 / r["ours_end_to_end"]["images_per_s"] / 3600
+    )
+    assert set(result["targets"]) >= {
+        "end_to_end_at_least_10x_reference",
+        "best_step_mfu_at_least_25pct",
+        "end_to_end_within_15pct_of_step",
+    }
     env = result["environment"]
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["date"]
     assert result["options"] == resolve_options(SpeedConfig(), torch.device("cpu")).as_dict()

@@ -50,7 +50,17 @@ def running_server(checkpoint: Path, max_upload_mb: float = 1.0) -> Iterator[str
     env = dict(os.environ)
     src = str(Path(alexnet.__file__).resolve().parents[1])  # this checkout's sources, not another install
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "alexnet", "serve", str(checkpoint), "--port", str(port), "--max-upload-mb", str(max_upload_mb)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alexnet",
+        "serve",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--max-upload-mb",
+        str(max_upload_mb),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -95,7 +105,9 @@ def classify_in_browser(url: str, image: Path, screenshot: Path | None = None) -
             if screenshot is not None:
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(screenshot))
-            page.set_input_files("#file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}])
+            page.set_input_files(
+                "#file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}]
+            )
             page.wait_for_selector("#error:has-text('415')", timeout=30_000)
             error = page.locator("#error").text_content()
             page.set_input_files("#file", str(image))

@@ -26,7 +26,12 @@ from alexnet.errors import AlexNetError
 scipy_io = pytest.importorskip("scipy.io")
 
 # ILSVRC2012_ID -> WNID, deliberately not in sorted order; 4 is a non-leaf synset (not a class).
-SYNSETS = [(1, "n0300", "trombone", 0), (2, "n0100", "tench, Tinca tinca", 0), (3, "n0200", "goldfish", 0), (4, "n0000", "animal", 3)]
+SYNSETS = [
+    (1, "n0300", "trombone", 0),
+    (2, "n0100", "tench, Tinca tinca", 0),
+    (3, "n0200", "goldfish", 0),
+    (4, "n0000", "animal", 3),
+]
 VAL_IDS = [3, 1, 2, 2, 1]  # ground truth of val images 1..5
 
 
@@ -52,10 +57,28 @@ def _tar_bytes(members: dict[str, bytes], mode: str = "w") -> bytes:
 
 
 def _meta_mat(synsets: list[tuple[int, str, str, int]]) -> bytes:
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     table = np.zeros((len(synsets), 1), dtype=[(f, "O") for f in fields])
     for i, (sid, wnid, words, children) in enumerate(synsets):
-        table[i, 0] = (np.array([[sid]]), wnid, words, "a gloss", np.array([[children]]), np.zeros((1, children)), np.array([[0]]), np.array([[3]]))
+        table[i, 0] = (
+            np.array([[sid]]),
+            wnid,
+            words,
+            "a gloss",
+            np.array([[children]]),
+            np.zeros((1, children)),
+            np.array([[0]]),
+            np.array([[3]]),
+        )
     buf = io.BytesIO()
     scipy_io.savemat(buf, {"synsets": table})
     return buf.getvalue()
@@ -193,14 +216,18 @@ def test_class_member_that_is_not_a_tar(tmp_path: Path) -> None:
 
 def _devkit(synsets, val_ids) -> bytes:
     truth = "".join(f"{i}\n" for i in val_ids).encode()
-    return _tar_bytes({"d/data/meta.mat": _meta_mat(synsets), "d/data/ILSVRC2012_validation_ground_truth.txt": truth}, "w:gz")
+    return _tar_bytes(
+        {"d/data/meta.mat": _meta_mat(synsets), "d/data/ILSVRC2012_validation_ground_truth.txt": truth}, "w:gz"
+    )
 
 
 def test_val_images_and_ground_truth_must_agree(archives) -> None:
     root, files = archives
     four = dict(list(files["val"].items())[:4])  # the archive lost its last image
     (root / ilsvrc.VAL_TAR).write_bytes(_tar_bytes(four))
-    with pytest.raises(AlexNetError, match="has 4 images, the devkit's ground truth 5; missing e.g. ILSVRC2012_val_00000005.JPEG"):
+    with pytest.raises(
+        AlexNetError, match="has 4 images, the devkit's ground truth 5; missing e.g. ILSVRC2012_val_00000005.JPEG"
+    ):
         ilsvrc.scan_ilsvrc(root)
     (root / ilsvrc.DEVKIT).write_bytes(_devkit(SYNSETS, VAL_IDS[:3]))
     with pytest.raises(AlexNetError, match="image 4 has no ground truth"):
@@ -219,7 +246,9 @@ def test_classes_must_match_the_devkit(archives) -> None:
     with pytest.raises(AlexNetError, match="lacks data/ILSVRC2012_validation_ground_truth.txt"):
         ilsvrc.read_devkit(root / ilsvrc.DEVKIT)
     (root / ilsvrc.DEVKIT).write_bytes(
-        _tar_bytes({"x/data/meta.mat": b"not a mat file", "x/data/ILSVRC2012_validation_ground_truth.txt": b"1\n"}, "w:gz")
+        _tar_bytes(
+            {"x/data/meta.mat": b"not a mat file", "x/data/ILSVRC2012_validation_ground_truth.txt": b"1\n"}, "w:gz"
+        )
     )
     with pytest.raises(AlexNetError, match="is not the devkit's synset table"):
         ilsvrc.read_devkit(root / ilsvrc.DEVKIT)

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_tree
 
 from alexnet.data import prepare as prepare_mod
 from alexnet.data import store
@@ -20,6 +19,7 @@ from alexnet.data.images import load_image, scan_image_folder
 from alexnet.data.prepare import prepare
 from alexnet.data.stats import compute_stats
 from alexnet.errors import AlexNetError
+from conftest import write_tree
 
 
 @pytest.fixture

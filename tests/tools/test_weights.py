@@ -69,14 +69,18 @@ def caffe_lrn(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(a / (1.0 + 1e-4 / 5 * total) ** 0.75).float()
 
 
-def caffe_conv(x: torch.Tensor, w: np.ndarray, b: np.ndarray, stride: int = 1, pad: int = 0, group: int = 1) -> torch.Tensor:
+def caffe_conv(
+    x: torch.Tensor, w: np.ndarray, b: np.ndarray, stride: int = 1, pad: int = 0, group: int = 1
+) -> torch.Tensor:
     """Caffe's grouped convolution: group g's filters see the g-th slice of the input channels."""
     ws, bs, xs = torch.from_numpy(w).chunk(group), torch.from_numpy(b).chunk(group), x.chunk(group, 1)
     return torch.cat([F.conv2d(xi, wi, bi, stride, pad) for xi, wi, bi in zip(xs, ws, bs)], 1)
 
 
 def caffe_conv_layers(x: torch.Tensor, conv) -> torch.Tensor:
-    pool = lambda t: F.max_pool2d(t, 3, 2, ceil_mode=True)
+    def pool(t: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(t, 3, 2, ceil_mode=True)
+
     x = pool(caffe_lrn(F.relu(conv("conv1", x, stride=4))))  # (B, 24, 55, 55) -> 27
     x = pool(caffe_lrn(F.relu(conv("conv2", x, pad=2, group=2))))  # -> 13
     x = F.relu(conv("conv3", x, pad=1))
@@ -145,7 +149,21 @@ def write_caffemodel(path: Path, blobs, v1: bool = False, v0: bool = False) -> P
     ``v0``: the older layout, a V0LayerParameter inside each of those."""
     net = caffe_message("NetParameter")
     net.name = "AlexNet"
-    order = ["data", "conv1", "relu1", "norm1", "pool1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8", "prob"]
+    order = [
+        "data",
+        "conv1",
+        "relu1",
+        "norm1",
+        "pool1",
+        "conv2",
+        "conv3",
+        "conv4",
+        "conv5",
+        "fc6",
+        "fc7",
+        "fc8",
+        "prob",
+    ]
     v1 = v1 or v0
     for name in order:
         layer = net.layers.add() if v1 else net.layer.add()
@@ -153,7 +171,9 @@ def write_caffemodel(path: Path, blobs, v1: bool = False, v0: bool = False) -> P
             layer = layer.layer
         layer.name = name
         if not v1:
-            layer.type = "Convolution" if name.startswith("conv") else "InnerProduct" if name.startswith("fc") else "ReLU"
+            layer.type = (
+                "Convolution" if name.startswith("conv") else "InnerProduct" if name.startswith("fc") else "ReLU"
+            )
         if name not in blobs:
             continue
         for array in blobs[name]:
@@ -196,7 +216,9 @@ def test_torchvision_import_predicts_like_torchvision(torchvision_file, tmp_path
     Image.fromarray(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8)).save(image_file)
     from torchvision import transforms as T
 
-    tv_pre = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    tv_pre = T.Compose(
+        [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+    )
     with torch.no_grad():
         expected = reference(tv_pre(Image.open(image_file).convert("RGB"))[None]).softmax(1)[0]
     from alexnet.tools.predict import predict
@@ -250,7 +272,9 @@ def test_torchvision_wrong_layout_says_what_was_expected(tmp_path):
     bad_shape = torchvision.models.alexnet(weights=None).state_dict()
     bad_shape["features.3.weight"] = torch.zeros(192, 32, 5, 5)
     torch.save(bad_shape, tmp_path / "shape.pth")
-    with pytest.raises(AlexNetError, match=r"features.3.weight has shape \(192, 32, 5, 5\); .* expects \(192, 64, 5, 5\)"):
+    with pytest.raises(
+        AlexNetError, match=r"features.3.weight has shape \(192, 32, 5, 5\); .* expects \(192, 64, 5, 5\)"
+    ):
         import_weights(tmp_path / "shape.pth", "torchvision")
 
 
@@ -262,7 +286,9 @@ def test_torchvision_wrong_layout_says_what_was_expected(tmp_path):
 def test_caffemodel_import_matches_caffe_forward(tmp_path, layout):
     blobs = caffe_blobs(10)
     path = write_caffemodel(tmp_path / "net.caffemodel", blobs, v1=layout == "v1", v0=layout == "v0")
-    ckpt = write_checkpoint(import_weights(path, "caffemodel", classes_file=write_classes(tmp_path / "c.txt", 10)), tmp_path / "c.pt")
+    ckpt = write_checkpoint(
+        import_weights(path, "caffemodel", classes_file=write_classes(tmp_path / "c.txt", 10)), tmp_path / "c.pt"
+    )
     images = random_images()
     mean = torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)
     expected = caffe_forward(blobs, caffe_reference_input(images, mean))
@@ -272,7 +298,13 @@ def test_caffemodel_import_matches_caffe_forward(tmp_path, layout):
 def test_caffe_config_is_the_deploy_net(tmp_path):
     state = import_weights(write_caffemodel(tmp_path / "n.caffemodel", caffe_blobs(1000)), "caffemodel")
     model = state["config"]["model"]
-    assert (model["name"], model["lrn"], model["towers"], model["conv1_padding"], model["input_size"]) == ("paper", "caffe", 2, 0, 227)
+    assert (model["name"], model["lrn"], model["towers"], model["conv1_padding"], model["input_size"]) == (
+        "paper",
+        "caffe",
+        2,
+        0,
+        227,
+    )
     assert state["config"]["data"]["crop_size"] == 227
     assert state["classes"][0] == "n01440764" and state["class_names"][0] == "tench"
     # conv1 takes RGB: its input channels are Caffe's BGR ones reversed.
@@ -290,7 +322,10 @@ def test_caffe_mean_image_from_binaryproto(tmp_path):
     blob.data.extend(mean_bgr.ravel())
     (tmp_path / "mean.binaryproto").write_bytes(blob.SerializeToString())
     state = import_weights(
-        model_path, "caffemodel", classes_file=write_classes(tmp_path / "c.txt", 10), mean_file=tmp_path / "mean.binaryproto"
+        model_path,
+        "caffemodel",
+        classes_file=write_classes(tmp_path / "c.txt", 10),
+        mean_file=tmp_path / "mean.binaryproto",
     )
     np.testing.assert_array_equal(state["preprocess"]["mean"].numpy(), mean_bgr[::-1])  # stored as RGB
     ckpt = write_checkpoint(state, tmp_path / "m.pt")

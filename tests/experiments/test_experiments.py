@@ -285,7 +285,8 @@ def test_ablations_reduced_table_seeds_and_rerun(
 def _run_results(out: Path) -> dict[str, dict]:
     timing = ("seconds", "images_per_s", "concurrent_runs")
     return {
-        p.stem: {k: v for k, v in json.loads(p.read_text()).items() if k not in timing} for p in (out / "runs").glob("*.json")
+        p.stem: {k: v for k, v in json.loads(p.read_text()).items() if k not in timing}
+        for p in (out / "runs").glob("*.json")
     }
 
 
@@ -307,7 +308,9 @@ def test_jobs_in_worker_processes_give_the_sequential_results(
     # Every worker's metric rows reached the shared file, each under its run's name.
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert {r["run"] for r in rows} == set(two)
-    assert all(json.loads(p.read_text())["concurrent_runs"] == 2 for p in (tmp_path / "two" / "runs").glob("sweep-*.json"))
+    assert all(
+        json.loads(p.read_text())["concurrent_runs"] == 2 for p in (tmp_path / "two" / "runs").glob("sweep-*.json")
+    )
     assert "[sweep-relu-lr0.01] started in process" in (tmp_path / "two" / "log.txt").read_text()
     assert "with up to 2 runs training at once" in (tmp_path / "two" / "summary.md").read_text()
     assert "at once" not in (tmp_path / "one" / "summary.md").read_text()

@@ -35,7 +35,9 @@ def photo(tmp_path, make_jpeg) -> Path:
 def test_deployable_equals_the_evaluation_path(tiny_checkpoint, photo):
     loaded = load_model(tiny_checkpoint)
     image = load_image(photo, 32)
-    expected = predict_probs([loaded.model], [loaded.preprocess], torch.from_numpy(image).permute(2, 0, 1)[None], ten=False)
+    expected = predict_probs(
+        [loaded.model], [loaded.preprocess], torch.from_numpy(image).permute(2, 0, 1)[None], ten=False
+    )
     with torch.no_grad():
         got = Deployable(loaded.model, loaded.preprocess).eval()(torch.from_numpy(centre_patch(image, 28))).softmax(1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -54,8 +56,12 @@ def test_onnx_export_runs_in_onnxruntime_with_metadata(tiny_checkpoint, photo, t
     for batch in (1, 4):  # the batch axis is dynamic
         x = np.repeat(centre_patch(image, 28), batch, 0)
         [logits] = session.run(None, {"image": x})
-        expected = predict_probs([loaded.model], [loaded.preprocess], torch.from_numpy(image).permute(2, 0, 1)[None], ten=False)
-        np.testing.assert_allclose(torch.from_numpy(logits).softmax(1).numpy(), expected.expand(batch, -1).numpy(), rtol=1e-4, atol=1e-6)
+        expected = predict_probs(
+            [loaded.model], [loaded.preprocess], torch.from_numpy(image).permute(2, 0, 1)[None], ten=False
+        )
+        np.testing.assert_allclose(
+            torch.from_numpy(logits).softmax(1).numpy(), expected.expand(batch, -1).numpy(), rtol=1e-4, atol=1e-6
+        )
     assert not list(tmp_path.glob(".m.onnx.tmp*"))
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_tree
 
 from alexnet.data import store
 from alexnet.data.augment import make_preprocess, train_batch
@@ -24,6 +23,7 @@ from alexnet.data.prepare import prepare
 from alexnet.data.source import open_training_data
 from alexnet.data.store import StoreLoader, open_store, verify_store
 from alexnet.errors import AlexNetError
+from conftest import write_tree
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,9 @@ def _edit_header(path: Path, **changes) -> None:
 
 def test_other_version_and_format_are_refused(copy: Path) -> None:
     _edit_header(copy, version=store.VERSION + 1)
-    with pytest.raises(AlexNetError, match=f"format version {store.VERSION + 1}; this alexnet reads version {store.VERSION}"):
+    with pytest.raises(
+        AlexNetError, match=f"format version {store.VERSION + 1}; this alexnet reads version {store.VERSION}"
+    ):
         open_store(copy)
     _edit_header(copy, format="something-else", version=store.VERSION)
     with pytest.raises(AlexNetError, match="not an alexnet store header"):
@@ -159,7 +161,9 @@ def test_loader_honours_start_batch_and_sharding(prepared) -> None:
     assert len(rest) == len(all_batches) - 3
     for a, b in zip(rest, all_batches[3:]):
         assert torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
-    ranks = [list(StoreLoader(split, EpochBatchSampler(21, 4, shuffle=True, seed=1, rank=r, world_size=2))) for r in (0, 1)]
+    ranks = [
+        list(StoreLoader(split, EpochBatchSampler(21, 4, shuffle=True, seed=1, rank=r, world_size=2))) for r in (0, 1)
+    ]
     assert sum(len(b.labels) for r in ranks for b in r) == 21
 
 
@@ -181,7 +185,9 @@ def test_augmented_batches_equal_the_folder_paths(prepared) -> None:
     sampler = EpochBatchSampler(21, 7, shuffle=True, seed=2)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     for a, b in zip(StoreLoader(s.split("train"), sampler), _folder_batches(tree, "train", sampler)):
-        torch.testing.assert_close(train_batch(a.images, pre, generator=g1), train_batch(b.images, pre, generator=g2), rtol=0, atol=0)
+        torch.testing.assert_close(
+            train_batch(a.images, pre, generator=g1), train_batch(b.images, pre, generator=g2), rtol=0, atol=0
+        )
 
 
 @pytest.mark.gpu
@@ -253,7 +259,10 @@ def test_training_on_the_store_equals_training_on_the_folder(prepared, tmp_path:
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert a["metrics"]["val_top1_error"] == b["metrics"]["val_top1_error"]
     capsys.readouterr()
-    assert main(["evaluate", str(tmp_path / "store" / "last.pt"), "--data", str(path), "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(["evaluate", str(tmp_path / "store" / "last.pt"), "--data", str(path), "--json", str(tmp_path / "e.json")])
+        == 0
+    )
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["centre"]["images"] == 9
     assert result["centre"]["top1_error"] == pytest.approx(b["metrics"]["val_top1_error"])
@@ -264,7 +273,9 @@ def test_prepare_command_line(prepared, tmp_path: Path, capsys) -> None:
 
     tree, _ = prepared
     dest = tmp_path / "s"
-    assert main(["prepare", str(tree), str(dest), "--image-size", "8", "--workers", "0", "--no-progress", "--verify"]) == 0
+    assert (
+        main(["prepare", str(tree), str(dest), "--image-size", "8", "--workers", "0", "--no-progress", "--verify"]) == 0
+    )
     out = capsys.readouterr().out
     assert json.loads(out.splitlines()[0])["images"] == 30 and "every chunk matches" in out
     with open(dest / store.images_file("val"), "r+b") as f:

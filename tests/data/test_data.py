@@ -21,6 +21,7 @@ from alexnet.data import images as images_mod
 from alexnet.data.images import (
     BadImage,
     ImageFolderDataset,
+    ImageList,
     find_splits,
     load_image,
     scan_image_folder,
@@ -326,7 +327,7 @@ def test_bad_image_decompression_bomb_pil_limit(
 # ImageFolderDataset / collate / loaders
 
 
-def _with_bad_files(root: Path, make_jpeg) -> data.ImageList:
+def _with_bad_files(root: Path, make_jpeg) -> ImageList:
     _tree(root, {"ant": 3, "bee": 2}, make_jpeg)
     (root / "ant" / "1.jpg").write_bytes(b"")  # zero bytes
     (root / "bee" / "0.jpg").write_bytes(b"\x00garbage" * 50)
@@ -352,7 +353,10 @@ def test_collate_shrinks_batch_and_reports_skipped(tmp_path: Path, make_jpeg) ->
     batch = collate([ds[i] for i in range(5)])
     assert batch.images.shape == (3, 3, 16, 16) and batch.images.dtype == torch.uint8
     assert batch.labels.tolist() == [0, 0, 1] and batch.labels.dtype == torch.int64
-    assert [s.split(": ")[0] for s in batch.skipped] == [str(tmp_path / "ant" / "1.jpg"), str(tmp_path / "bee" / "0.jpg")]
+    assert [s.split(": ")[0] for s in batch.skipped] == [
+        str(tmp_path / "ant" / "1.jpg"),
+        str(tmp_path / "bee" / "0.jpg"),
+    ]
     assert torch.equal(batch.images[0], ds[0][0]) and torch.equal(batch.images[2], ds[4][0])
 
 
@@ -375,13 +379,13 @@ def test_loader_in_process_shrinks_batches(tmp_path: Path, make_jpeg) -> None:
 def test_loader_two_workers_skips_bad_file_without_blocking(tmp_path: Path, make_jpeg) -> None:
     ds = ImageFolderDataset(_with_bad_files(tmp_path, make_jpeg), 16)
     sampler = EpochBatchSampler(5, 2, shuffle=True, seed=3)
-    loader = make_loader(ds, sampler, workers=2)
+    batch_loader = make_loader(ds, sampler, workers=2)
     got: list[Batch] = []
 
     def consume() -> None:
         for epoch in range(2):  # persistent workers: a second epoch reuses them
             sampler.set_epoch(epoch)
-            got.extend(loader)
+            got.extend(batch_loader)
 
     t = threading.Thread(target=consume, daemon=True)
     t.start()
@@ -390,7 +394,7 @@ def test_loader_two_workers_skips_bad_file_without_blocking(tmp_path: Path, make
     assert len(got) == 6
     assert sum(len(b.labels) for b in got) == 6 and sum(len(b.skipped) for b in got) == 4
     assert sorted(y for b in got for y in b.labels.tolist()) == [0, 0, 0, 0, 1, 1]
-    del loader
+    batch_loader = None  # release the workers (the closure keeps the name)
 
 
 # --------------------------------------------------------------------------------------

@@ -27,14 +27,18 @@ CPU = torch.device("cpu")
 
 def _batch(n: int = 6, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.randint(
+        0, 10, (n,), generator=g
+    )
 
 
 def _pre(size: int = 64, crop: int = 56):
     g = torch.Generator().manual_seed(1)
     mean = torch.rand(3, size, size, generator=g) * 255
     eigvecs = torch.linalg.qr(torch.randn(3, 3, generator=g)).Q
-    return make_preprocess("mean-image-std", size, crop, mean, torch.full((3,), 60.0), torch.tensor([0.2, 0.02, 0.005]), eigvecs)
+    return make_preprocess(
+        "mean-image-std", size, crop, mean, torch.full((3,), 60.0), torch.tensor([0.2, 0.02, 0.005]), eigvecs
+    )
 
 
 def _model(name: str = "paper"):
@@ -187,7 +191,9 @@ def test_flush_denormal_zeroes_denormals_on_the_cpu() -> None:
 def test_switches_read_from_yaml_and_command_line() -> None:
     from_yaml = config_lib.resolve(None, {"speed": {"compile": False, "channels_last": True, "amp": False}})
     assert (from_yaml.speed.compile, from_yaml.speed.channels_last, from_yaml.speed.amp) == ("off", "on", "off")
-    from_cli = config_lib.resolve(None, config_lib.parse_assignments(["speed.compile=false", "speed.tower_convs=split"]))
+    from_cli = config_lib.resolve(
+        None, config_lib.parse_assignments(["speed.compile=false", "speed.tower_convs=split"])
+    )
     assert (from_cli.speed.compile, from_cli.speed.tower_convs) == ("off", "split")
 
 

@@ -42,7 +42,19 @@ from alexnet.train import step as step_module
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals and resource limits")
 
 # 60 training images in batches of 4: 15 steps an epoch, 30 in all.
-RECIPE = ["--preset", "paper", *TINY, "--batch-size", "4", "--epochs", "2", "--seed", "1", "--set", "run.tensorboard=false"]
+RECIPE = [
+    "--preset",
+    "paper",
+    *TINY,
+    "--batch-size",
+    "4",
+    "--epochs",
+    "2",
+    "--seed",
+    "1",
+    "--set",
+    "run.tensorboard=false",
+]
 STEPS_PER_EPOCH, TOTAL_STEPS = 15, 30
 TIMING = ("images_per_s", "epoch_seconds")
 CHECKPOINT_LINE = re.compile(r"checkpoint at step (\d+) \(epoch (\d+), batch (\d+)/(\d+)\)")
@@ -67,7 +79,9 @@ def one_thread() -> Any:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), image_size=32, train_per_class=6, val_per_class=2, seed=3)
+    return make_shapes_dataset(
+        tmp_path_factory.mktemp("shapes"), image_size=32, train_per_class=6, val_per_class=2, seed=3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +106,9 @@ def assert_same_run(run_dir: Path, reference: Path, context: str = "") -> None:
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), f"weight {key} differs; {context}"
     for index, state in a["optimizer"]["state"].items():
-        assert torch.equal(state["velocity"], b["optimizer"]["state"][index]["velocity"]), f"velocity {index}; {context}"
+        assert torch.equal(state["velocity"], b["optimizer"]["state"][index]["velocity"]), (
+            f"velocity {index}; {context}"
+        )
     assert a["schedule"] == b["schedule"] and a["best_val_top1_error"] == b["best_val_top1_error"], context
     assert metric_rows(run_dir) == metric_rows(reference), context
 
@@ -240,7 +256,9 @@ def test_ctrl_c_to_the_process_group_with_decoding_workers(dataset: Path, refere
 # 3. A checkpoint that cannot be written: the previous one stays, the run says so and stops
 
 
-def test_disk_full_during_training_keeps_the_previous_checkpoint(dataset: Path, reference: Path, tmp_path: Path) -> None:
+def test_disk_full_during_training_keeps_the_previous_checkpoint(
+    dataset: Path, reference: Path, tmp_path: Path
+) -> None:
     # A real failing write: once a checkpoint exists, the running process's file size
     # limit drops below a checkpoint's size (EFBIG, the same path as ENOSPC). Log and
     # metrics lines stay under the limit.
@@ -260,8 +278,11 @@ def test_disk_full_during_training_keeps_the_previous_checkpoint(dataset: Path, 
     assert status == 2, log
     assert "Traceback" not in log
     [error] = [line for line in log.splitlines() if line.startswith("alexnet: error:")]
-    assert re.match(rf"alexnet: error: cannot write checkpoint {re.escape(str(out))}/last.pt: File too large .*; "
-                    r"the previous last.pt is intact$", error), error
+    assert re.match(
+        rf"alexnet: error: cannot write checkpoint {re.escape(str(out))}/last.pt: File too large .*; "
+        r"the previous last.pt is intact$",
+        error,
+    ), error
     assert not list(out.rglob(".*.tmp*"))
     assert torch.load(out / "last.pt", weights_only=True)["step"] >= 5
     assert resume(out) == 0
@@ -356,9 +377,14 @@ def test_skip_nonfinite_leaves_the_step_undone_and_counts_it(
     real_save = train_module.save_run_checkpoint
 
     def recording_save(run_dir: Path, state: dict[str, Any], **kw: Any) -> Path:
-        saved.append({"step": state["step"], "batch": state["batch"],
-                      "model": {k: v.clone() for k, v in state["model"].items()},
-                      "velocity": [s["velocity"].clone() for s in state["optimizer"]["state"].values()]})
+        saved.append(
+            {
+                "step": state["step"],
+                "batch": state["batch"],
+                "model": {k: v.clone() for k, v in state["model"].items()},
+                "velocity": [s["velocity"].clone() for s in state["optimizer"]["state"].values()],
+            }
+        )
         return real_save(run_dir, state, **kw)
 
     monkeypatch.setattr(train_module, "save_run_checkpoint", recording_save)
@@ -395,7 +421,12 @@ def _png_bomb(width: int, height: int) -> bytes:
 
     row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed pixels
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(row * height, 9)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(row * height, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def add_bad_and_odd_files(root: Path) -> tuple[dict[str, str], list[Path]]:
@@ -425,7 +456,10 @@ def add_bad_and_odd_files(root: Path) -> tuple[dict[str, str], list[Path]]:
         "notes.jpg": b"shopping list: eggs, milk\n",
         "page.png": b"<html><body>404 Not Found</body></html>",
         "bomb.png": _png_bomb(9000, 8000),
-        "giant-header.gif": b"GIF89a" + struct.pack("<HH", 65535, 65535) + b"\x00\x00\x00" + b",\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x02D\x01\x00;",
+        "giant-header.gif": b"GIF89a"
+        + struct.pack("<HH", 65535, 65535)
+        + b"\x00\x00\x00"
+        + b",\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x02D\x01\x00;",
         "zero.jpg": b"",
     }
     for path in bad:
@@ -501,7 +535,9 @@ def test_crafted_checkpoint_never_executes_through_the_cli(
     assert not (tmp_path / "EXPLOITED").exists()
 
 
-def test_config_file_with_code_tag_is_refused_by_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_config_file_with_code_tag_is_refused_by_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)
     evil = tmp_path / "evil.yaml"
     evil.write_text("optim:\n  lr: !!python/object/apply:os.system ['touch EXPLOITED']\n")
@@ -526,7 +562,10 @@ def _first_velocity(state: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda s: _first_velocity(s).update(velocity=torch.zeros(2, 2)), "its optimizer state does not fit the network"),
+        (
+            lambda s: _first_velocity(s).update(velocity=torch.zeros(2, 2)),
+            "its optimizer state does not fit the network",
+        ),
         (lambda s: s["schedule"].update(optimizer={"x": 1}), r"unknown schedule state \['optimizer'\]"),
         (lambda s: s["partial"].update(loss_sum=torch.zeros(3)), "its partial epoch sums are not what alexnet writes"),
         (lambda s: s["partial"].update(rogue=1), "its partial epoch sums are not what alexnet writes"),
@@ -536,7 +575,17 @@ def _first_velocity(state: dict[str, Any]) -> dict[str, Any]:
         (lambda s: s.update(batch=-3), "negative or non-integer epoch, batch or step"),
         (lambda s: s.update(batch=5), "its batch count disagrees with its partial sums"),
     ],
-    ids=["velocity-shape", "schedule-key", "partial-shape", "partial-key", "no-partial", "no-rng", "bad-rng", "negative-batch", "batch-mismatch"],
+    ids=[
+        "velocity-shape",
+        "schedule-key",
+        "partial-shape",
+        "partial-key",
+        "no-partial",
+        "no-rng",
+        "bad-rng",
+        "negative-batch",
+        "batch-mismatch",
+    ],
 )
 def test_malformed_training_state_is_refused_on_resume(
     corrupt: Callable[[dict[str, Any]], Any], message: str, mid_epoch_checkpoint: dict[str, Any], tmp_path: Path,

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from alexnet.models.alexnet import ModelConfig, build_model
 
-CFG = dict(width=0.125, fc_width=32, conv1_kernel=5, conv1_stride=1, input_size=28, num_classes=10, init="kaiming", dropout=0.0)
+CFG = dict(
+    width=0.125, fc_width=32, conv1_kernel=5, conv1_stride=1, input_size=28, num_classes=10, init="kaiming", dropout=0.0
+)
 
 
 def _free_port() -> int:

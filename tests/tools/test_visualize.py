@@ -94,7 +94,11 @@ def test_predictions_figure_draws_the_bars_it_was_given(tiny_checkpoint, val_ima
         bars = ax_bar.patches
         assert [b.get_width() for b in bars] == pytest.approx([p for _, p in item.top])
         assert [t.get_text() for t in ax_bar.get_yticklabels()] == [n for n, _ in item.top]
-        red = [n for (n, _), b in zip(item.top, bars) if b.get_facecolor()[:3] == pytest.approx((0.839, 0.153, 0.157), abs=1e-3)]
+        red = [
+            n
+            for (n, _), b in zip(item.top, bars)
+            if b.get_facecolor()[:3] == pytest.approx((0.839, 0.153, 0.157), abs=1e-3)
+        ]
         assert red == ([item.truth] if item.truth in [n for n, _ in item.top] else [])
     from alexnet.tools.visualize import save_figure
 
@@ -110,7 +114,14 @@ def _write_run(run: Path, rows: list[dict]) -> Path:
 
 def test_curves_plot_the_metrics(tmp_path):
     rows = [
-        {"epoch": e, "train_loss": 2.3 / e, "train_error": 0.9 / e, "val_top1_error": 0.8 / e, "val_top5_error": 0.5 / e, "lr": 0.01 / 10 ** (e // 3)}
+        {
+            "epoch": e,
+            "train_loss": 2.3 / e,
+            "train_error": 0.9 / e,
+            "val_top1_error": 0.8 / e,
+            "val_top5_error": 0.5 / e,
+            "lr": 0.01 / 10 ** (e // 3),
+        }
         for e in range(1, 7)
     ]
     run = _write_run(tmp_path / "run", rows)
@@ -126,9 +137,17 @@ def test_cli_visualize(tiny_checkpoint, val_images, tmp_path, capsys):
     assert main(["visualize", "filters", str(tiny_checkpoint), "--out", str(tmp_path / "f.png"), "--scale", "2"]) == 0
     # 12 kernels of 5x5 (width 0.125 of 96), two towers of 6 -> one row each, 6 columns
     assert Image.open(tmp_path / "f.png").size == (6 * 11 - 1, 2 * 10 + 6)
-    assert main(["visualize", "predictions", str(tiny_checkpoint), *map(str, val_images), "--out", str(tmp_path / "p.png")]) == 0
+    assert (
+        main(
+            ["visualize", "predictions", str(tiny_checkpoint), *map(str, val_images), "--out", str(tmp_path / "p.png")]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "p.png").size[0] > 0
-    run = _write_run(tmp_path / "run", [{"epoch": 1, "train_loss": 1.0, "train_error": 0.5, "val_top1_error": 0.4, "val_top5_error": 0.1, "lr": 0.01}])
+    run = _write_run(
+        tmp_path / "run",
+        [{"epoch": 1, "train_loss": 1.0, "train_error": 0.5, "val_top1_error": 0.4, "val_top5_error": 0.1, "lr": 0.01}],
+    )
     assert main(["visualize", "curves", str(run), "--out", str(tmp_path / "c.png")]) == 0
     assert "run (1 epochs)" in capsys.readouterr().out
     assert main(["visualize", "curves", str(tmp_path / "nope"), "--out", str(tmp_path / "c.png")]) == 2

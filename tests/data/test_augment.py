@@ -189,7 +189,13 @@ def test_eval_ten_patches_match_hand_slices() -> None:
     assert out.shape == (3, 10, 3, crop, crop)
     diff = (images.double() - mean.double()) / torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
     # centre, top-left, top-right, bottom-left, bottom-right; then the same five mirrored
-    by_hand = [diff[..., 2:8, 2:8], diff[..., 0:6, 0:6], diff[..., 0:6, 4:10], diff[..., 4:10, 0:6], diff[..., 4:10, 4:10]]
+    by_hand = [
+        diff[..., 2:8, 2:8],
+        diff[..., 0:6, 0:6],
+        diff[..., 0:6, 4:10],
+        diff[..., 4:10, 0:6],
+        diff[..., 4:10, 4:10],
+    ]
     by_hand += [p.flip(-1) for p in by_hand]
     for i, expected in enumerate(by_hand):
         torch.testing.assert_close(out[:, i].double(), expected, rtol=1e-5, atol=1e-4)

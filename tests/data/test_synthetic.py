@@ -108,8 +108,9 @@ def test_colour_does_not_identify_class() -> None:
     # distribution for all classes. Loose bound; only catches per-class palettes.
     means = []
     for label in range(len(CLASSES)):
-        imgs = [np.asarray(render_image(label, 16, image_rng(7, "train", label, i)), dtype=np.float32)
-                for i in range(40)]
+        imgs = [
+            np.asarray(render_image(label, 16, image_rng(7, "train", label, i)), dtype=np.float32) for i in range(40)
+        ]
         means.append(np.mean([im.mean(axis=(0, 1)) for im in imgs], axis=0))
     means = np.array(means)
     assert np.abs(means - means.mean(axis=0)).max() < 30.0

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY as CLI_TINY
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
@@ -27,6 +26,7 @@ from alexnet.data.loader import EpochBatchSampler
 from alexnet.data.synthetic import make_shapes_dataset
 from alexnet.errors import AlexNetError
 from alexnet.train import distributed
+from conftest import TINY as CLI_TINY
 
 TINY = [
     "--preset", "paper",
@@ -36,16 +36,20 @@ TINY = [
     "--set", "speed.amp=off",  # float32: bf16 sums in another order differ by far more than 1e-5
 ]  # fmt: skip
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     # 10 classes x 8 = 80 training images: 5 whole global batches of 16, none dropped.
-    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), image_size=32, train_per_class=8, val_per_class=2, seed=5)
+    return make_shapes_dataset(
+        tmp_path_factory.mktemp("shapes"), image_size=32, train_per_class=8, val_per_class=2, seed=5
+    )
 
 
-def torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None, restarts: int = 0) -> subprocess.CompletedProcess:
+def torchrun(
+    *args: str, nproc: int = 2, env: dict[str, str] | None = None, restarts: int = 0
+) -> subprocess.CompletedProcess:
     """A real torchrun job of `alexnet` on this machine's CPU."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -95,7 +99,10 @@ def two_ranks(dataset, tmp_path_factory) -> Path:
 def test_sampler_cuts_each_global_batch_into_equal_shares(world):
     n, batch = 70, 16
     single = list(EpochBatchSampler(n, batch, shuffle=True, seed=3))
-    shards = [EpochBatchSampler(n, batch, shuffle=True, seed=3, rank=r, world_size=world, drop_last=True) for r in range(world)]
+    shards = [
+        EpochBatchSampler(n, batch, shuffle=True, seed=3, rank=r, world_size=world, drop_last=True)
+        for r in range(world)
+    ]
     per_rank = [list(s) for s in shards]
     assert all(len(p) == len(s) == 70 // 16 for p, s in zip(per_rank, shards))  # equal counts: no DDP hang
     for k in range(70 // 16):  # global batch k is the same samples, in rank order
@@ -112,17 +119,29 @@ def test_evaluation_sampler_covers_everything_once_without_empty_batches():
     seen = sorted(i for s in shards for b in s for i in b)
     assert seen == list(range(21))
     assert all(len(b) > 0 for s in shards for b in s)
-    assert [len(EpochBatchSampler(21, 8, shuffle=False, rank=r, world_size=4)) for r in range(4)] == [len(s) for s in shards]
+    assert [len(EpochBatchSampler(21, 8, shuffle=False, rank=r, world_size=4)) for r in range(4)] == [
+        len(s) for s in shards
+    ]
 
 
 def test_augmentation_of_a_share_is_the_slice_of_the_global_batch():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8)
     eigvecs = torch.linalg.qr(torch.randn(3, 3))[0]
-    pre = make_preprocess("mean-image", 12, 10, torch.rand(3, 12, 12) * 255, torch.ones(3), torch.rand(3), eigvecs, )
+    pre = make_preprocess(
+        "mean-image",
+        12,
+        10,
+        torch.rand(3, 12, 12) * 255,
+        torch.ones(3),
+        torch.rand(3),
+        eigvecs,
+    )
     whole = train_batch(images, pre, generator=torch.Generator().manual_seed(7))
     for rank in range(4):
-        part = train_batch(images[2 * rank : 2 * rank + 2], pre, generator=torch.Generator().manual_seed(7), draws=8, offset=2 * rank)
+        part = train_batch(
+            images[2 * rank : 2 * rank + 2], pre, generator=torch.Generator().manual_seed(7), draws=8, offset=2 * rank
+        )
         torch.testing.assert_close(part, whole[2 * rank : 2 * rank + 2], rtol=0, atol=0)
 
 
@@ -156,7 +175,12 @@ def test_a_global_batch_the_world_does_not_divide_is_refused_before_any_work(dat
 
 def test_accumulation_gives_the_update_of_the_whole_batch(dataset, one_rank, tmp_path):
     out = tmp_path / "acc"
-    assert main(["train", "--data", str(dataset), "--out", str(out), "--epochs", "1", *TINY, "--set", "optim.accumulate=4"]) == 0
+    assert (
+        main(
+            ["train", "--data", str(dataset), "--out", str(out), "--epochs", "1", *TINY, "--set", "optim.accumulate=4"]
+        )
+        == 0
+    )
     assert_same_params(out / "last.pt", one_rank / "last.pt")
 
 
@@ -256,11 +280,15 @@ def test_a_restarted_worker_resumes_the_run_it_finds(dataset, tmp_path, monkeypa
 
 
 def test_nproc_launches_torchrun_with_the_same_command(monkeypatch, tmp_path):
-    import alexnet.cli as cli
+    import alexnet.cli.train as cli_train
 
     seen = []
-    monkeypatch.setattr(cli.subprocess, "run", lambda command: seen.append(command) or subprocess.CompletedProcess(command, 0))
-    assert main(["train", "--nproc", "2", "--max-restarts=1", "--data", "D", "--out", str(tmp_path), "--epochs", "3"]) == 0
+    monkeypatch.setattr(
+        cli_train.subprocess, "run", lambda command: seen.append(command) or subprocess.CompletedProcess(command, 0)
+    )
+    assert (
+        main(["train", "--nproc", "2", "--max-restarts=1", "--data", "D", "--out", str(tmp_path), "--epochs", "3"]) == 0
+    )
     (command,) = seen
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert command[3:8] == ["--standalone", "--nproc-per-node=2", "--max-restarts=1", "-m", "alexnet"]

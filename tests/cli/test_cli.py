@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
 
 from alexnet.cli import main
 from alexnet.data.synthetic import make_shapes_dataset
+from conftest import TINY
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_tiny_checkpoint
 from PIL import Image
 
 from alexnet.checkpoint import load_model
@@ -13,6 +12,7 @@ from alexnet.cli import main
 from alexnet.errors import AlexNetError
 from alexnet.tools.features import extract_features, save_index
 from alexnet.tools.retrieve import Retrieval, draw_grid, nearest, retrieve
+from conftest import write_tiny_checkpoint
 
 
 def brute_force(index: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +97,10 @@ def test_grid_layout_puts_each_image_in_its_cell(index_setup, tiny_checkpoint):
 def test_cli_retrieve_and_errors(index_setup, tiny_checkpoint, tmp_path, capsys):
     root, index_path, query = index_setup
     out = tmp_path / "grid.png"
-    assert main(["retrieve", str(tiny_checkpoint), str(query), "--index", str(index_path), "--k", "6", "--out", str(out)]) == 0
+    assert (
+        main(["retrieve", str(tiny_checkpoint), str(query), "--index", str(index_path), "--k", "6", "--out", str(out)])
+        == 0
+    )
     text = capsys.readouterr().out
     assert str(query) in text and text.count(str(root)) == 6
     assert Image.open(out).size == (7 * 132 + 12, 146)

@@ -34,7 +34,9 @@ def png_claiming(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 NOISE = png_bytes(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8))
@@ -64,7 +66,14 @@ def test_page_and_health(client):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="top5"' in page.text and 'fetch("predict"' in page.text
     health = client.get("/health").json()
-    assert health == {"status": "ok", "model": "paper", "classes": 6, "image_size": 32, "crop_size": 28, "max_upload_bytes": 200_000}
+    assert health == {
+        "status": "ok",
+        "model": "paper",
+        "classes": 6,
+        "image_size": 32,
+        "crop_size": 28,
+        "max_upload_bytes": 200_000,
+    }
 
 
 def test_bad_uploads_get_clear_errors_and_the_server_stays_up(client):
