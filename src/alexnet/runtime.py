@@ -6,6 +6,11 @@ experiments) records the environment it ran in with :func:`environment`.
 
 from __future__ import annotations
 
+import os
+import platform
+import time
+from typing import Any
+
 import torch
 
 from alexnet.errors import AlexNetError
@@ -21,3 +26,46 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AlexNetError(f"device {name} requested but CUDA is not available on this machine")
     return device
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on: its affinity mask (a container's or a job's share), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU with its cores and torch threads (what a timing depends on)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu_cores()} cores, {torch.get_num_threads()} torch threads, {cpu})"
+
+
+def environment(device: torch.device, command: str | None = None) -> dict[str, Any]:
+    """What a measurement ran on, recorded beside its numbers: versions, device, date and command."""
+    from alexnet import __version__
+
+    env: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "alexnet": __version__,
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": cpu_cores(),
+        "device": str(device),
+        "device_name": device_name(device),
+    }
+    try:
+        import torchvision
+
+        env["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    if command is not None:
+        env["command"] = command
+    return env
