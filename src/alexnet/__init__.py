@@ -5,11 +5,12 @@ from importlib import metadata as _metadata
 
 from alexnet.checkpoint import load_model
 from alexnet.errors import AlexNetError
-from alexnet.models.alexnet import (
+from alexnet.models import (
     LocalResponseNorm,
     ModelConfig,
     PaperAlexNet,
     TorchvisionAlexNet,
+    TowerParallelAlexNet,
     count_parameters,
     create_model,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "ModelConfig",
     "PaperAlexNet",
     "TorchvisionAlexNet",
+    "TowerParallelAlexNet",
     "count_parameters",
     "create_model",
     "load_model",

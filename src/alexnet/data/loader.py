@@ -6,12 +6,13 @@ reason, the batch shrinks by one, and the trainer reports each such file once.
 
 from __future__ import annotations
 
-import os
 import signal
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from alexnet.runtime import cpu_cores
 
 
 @dataclass
@@ -101,7 +102,8 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 def resolve_workers(workers: int) -> int:
-    return (os.cpu_count() or 1) if workers < 0 else workers
+    """``workers`` decoding processes; -1: one per core this process may use."""
+    return cpu_cores() if workers < 0 else workers
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

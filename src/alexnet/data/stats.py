@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from alexnet.data.images import ImageFolderDataset, ImageList
 from alexnet.data.loader import collate, resolve_workers
 from alexnet.errors import AlexNetError
-from alexnet.files import cache_dir
+from alexnet.files import atomic_write, cache_dir
 
 
 @dataclass
@@ -126,8 +126,6 @@ def compute_stats(
         skipped += batch.skipped
     stats = acc.result()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
     arrays = {k: v.numpy() for k, v in stats.to_tensors().items()}
-    np.savez(tmp, skipped=np.array(skipped, dtype=str), **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, skipped=np.array(skipped, dtype=str), **arrays))
     return stats, skipped
