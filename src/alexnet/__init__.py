@@ -1,8 +1,6 @@
 """AlexNet (Krizhevsky, Sutskever & Hinton, NeurIPS 2012): the paper's network, data
 pipeline, training recipe and evaluation, and torchvision's variant."""
 
-from importlib import metadata as _metadata
-
 from alexnet.checkpoint import load_model
 from alexnet.errors import AlexNetError
 from alexnet.models import (
@@ -14,6 +12,7 @@ from alexnet.models import (
     count_parameters,
     create_model,
 )
+from alexnet.runtime import package_version
 
 __all__ = [
     "AlexNetError",
@@ -27,7 +26,4 @@ __all__ = [
     "load_model",
 ]
 
-try:  # one source for the version: pyproject.toml, read back from the installed metadata
-    __version__ = _metadata.version("alexnet")
-except _metadata.PackageNotFoundError:  # the sources on PYTHONPATH without an install
-    __version__ = "0+unknown"
+__version__ = package_version()

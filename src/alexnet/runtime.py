@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from importlib import metadata
 from typing import Any
 
 import torch
@@ -28,6 +29,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def package_version() -> str:
+    """alexnet's version: pyproject.toml is the one source, read back from the installed metadata."""
+    try:
+        return metadata.version("alexnet")
+    except metadata.PackageNotFoundError:  # the sources on PYTHONPATH without an install
+        return "0+unknown"
+
+
 def cpu_cores() -> int:
     """The cores this process may run on: its affinity mask (a container's or a job's share), not the machine's."""
     if hasattr(os, "sched_getaffinity"):
@@ -45,11 +54,9 @@ def device_name(device: torch.device) -> str:
 
 def environment(device: torch.device, command: str | None = None) -> dict[str, Any]:
     """What a measurement ran on, recorded beside its numbers: versions, device, date and command."""
-    from alexnet import __version__
-
     env: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "alexnet": __version__,
+        "alexnet": package_version(),
         "torch": str(torch.__version__),
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
