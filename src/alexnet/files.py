@@ -8,7 +8,8 @@ file or the new one, never half of one. Every folder two processes could write a
 
 Pickles from elsewhere (CIFAR-10's python batches, the converted Caffe ``.npy``) are
 read by :class:`ArrayUnpickler`, which can build plain containers and NumPy arrays and
-refuses every other global before it is looked up, so no code in the file ever runs.
+refuses every other global before it is looked up, so no code in the file ever runs;
+``torch.save`` files by :func:`torch_load` (``weights_only=True``), which refuses code too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import io
 import json
 import os
 import pickle
+import struct
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
@@ -199,3 +203,34 @@ def load_array_pickle(
     """
     f = io.BytesIO(data) if isinstance(data, bytes) else data
     return unpickler(f, encoding=encoding).load()
+
+
+def torch_load(path: Path, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` on CPU; a damaged file or one holding code is a one-line AlexNetError."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            # A raw pickle of another protocol draws a warning before being refused anyway.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    # Random bytes have made the unpickler raise IndexError and struct.error as well.
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        ValueError,
+        IndexError,
+        struct.error,
+    ) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        unsupported = [line for line in lines if "unsupported global" in line.lower()]
+        if unsupported:
+            # weights_only's unpickler met a reference to code: refuse, never import it.
+            raise AlexNetError(
+                f"refusing {path}: it holds objects other than tensors and plain data ({unsupported[0]})"
+            ) from None
+        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(e).__name__)
+        raise AlexNetError(f"cannot read {what} {path}: damaged or not a PyTorch file ({reason})") from None

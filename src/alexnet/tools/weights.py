@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
-from alexnet.checkpoint import save_checkpoint, save_safetensors, torch_load
+from alexnet.checkpoint import save_checkpoint, save_safetensors
 from alexnet.config import Config
 from alexnet.data.augment import Preprocess, make_preprocess
 from alexnet.data.imagenet import NUM_CLASSES, imagenet_classes
 from alexnet.errors import AlexNetError
+from alexnet.files import torch_load
 from alexnet.models.alexnet import ModelConfig, build_model
 from alexnet.tools.caffe import (
     caffe_model_config,
