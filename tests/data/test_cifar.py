@@ -296,3 +296,14 @@ def test_shared_array_unpickler_refuses_code_and_cifar_extras(tmp_path: Path) ->
         ArrayUnpickler(io.BytesIO(pickle.dumps({"b": b"\x00\xff"}, protocol=2))).load()
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.testing.assert_array_equal(load_array_pickle(pickle.dumps({"a": [a]}, protocol=4))["a"][0], a)
+
+
+def test_default_data_path_is_the_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from alexnet.data.cifar import default_data_path
+
+    monkeypatch.delenv("ALEXNET_CIFAR10", raising=False)
+    assert default_data_path() is None
+    monkeypatch.setenv("ALEXNET_CIFAR10", "")
+    assert default_data_path() is None
+    monkeypatch.setenv("ALEXNET_CIFAR10", str(tmp_path / "cifar10.tar.gz"))
+    assert default_data_path() == tmp_path / "cifar10.tar.gz"
