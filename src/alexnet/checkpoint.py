@@ -30,10 +30,6 @@ import errno
 import json
 import logging
 import os
-import pickle
-import struct
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -45,7 +41,7 @@ from safetensors.torch import save as safetensors_bytes
 from alexnet import config as config_lib
 from alexnet.data.augment import Preprocess
 from alexnet.errors import AlexNetError
-from alexnet.files import atomic_write, fsync_dir, temporary_name
+from alexnet.files import atomic_write, fsync_dir, temporary_name, torch_load
 from alexnet.models.alexnet import AlexNet, build_model
 
 log = logging.getLogger("alexnet")
@@ -138,35 +134,6 @@ def remove_partial_writes(run_dir: Path) -> list[Path]:
     return partial
 
 
-def torch_load(path: Path, what: str = "checkpoint") -> Any:
-    """``torch.load(weights_only=True)`` on CPU; a damaged file or one holding code is a one-line AlexNetError."""
-    try:
-        with warnings.catch_warnings():
-            # A raw pickle of another protocol draws a warning before being refused anyway.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    # Random bytes have made the unpickler raise IndexError and struct.error as well.
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        OSError,
-        zipfile.BadZipFile,
-        ValueError,
-        IndexError,
-        struct.error,
-    ) as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        unsupported = [line for line in lines if "unsupported global" in line.lower()]
-        if unsupported:
-            # weights_only's unpickler met a reference to code: refuse, never import it.
-            raise AlexNetError(
-                f"refusing {path}: it holds objects other than tensors and plain data ({unsupported[0]})"
-            ) from None
-        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(e).__name__)
-        raise AlexNetError(f"cannot read {what} {path}: damaged or not a PyTorch file ({reason})") from None
-
-
 def load_checkpoint(path: str | Path, *, for_training: bool = False) -> dict[str, Any]:
     """Load and check a checkpoint (.pt or .safetensors); every failure is a one-line AlexNetError.
 
@@ -189,25 +156,24 @@ def load_checkpoint(path: str | Path, *, for_training: bool = False) -> dict[str
         if isinstance(state, dict) and "features.0.weight" in state:
             hint = "; for torchvision weights run: alexnet import-weights FILE --format torchvision --out CKPT"
         raise AlexNetError(f"{path} is not an alexnet checkpoint (a bare state_dict or another program's file){hint}")
-    version = state.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise AlexNetError(
-            f"{path} was written by a newer alexnet (format {version!r}, this one reads up to {VERSION})"
-        )
+    _check_version(state, path)
     _check_structure(state, path, for_training)
     _check_state(state, path)
     return state
 
 
-def _check_state(state: dict[str, Any], path: Path) -> None:
+def _check_version(state: dict[str, Any], path: Path) -> None:
     version = state.get("version")
     if not isinstance(version, int) or version > VERSION:
         raise AlexNetError(
             f"{path} was written by a newer alexnet (format {version!r}, this one reads up to {VERSION})"
         )
-    missing = [k for k in ("config", "model", "preprocess", "classes") if k not in state]
-    if missing:
-        raise AlexNetError(f"checkpoint {path} lacks {', '.join(missing)}; expected a file written by alexnet")
+
+
+def _check_state(state: dict[str, Any], path: Path) -> None:
+    """What both file kinds must satisfy once read (the keys themselves are always there:
+    _check_structure requires them of a .pt, _load_safetensors builds them)."""
+    _check_version(state, path)
     names = state.get("class_names")
     if names is not None and len(names) != len(state["classes"]):
         raise AlexNetError(f"checkpoint {path} has {len(names)} class names for {len(state['classes'])} classes")

@@ -1,20 +1,32 @@
-"""Files that survive a crash: atomic writes, advisory locks, and the cache folder.
+"""Files that survive a crash, and files from strangers that cannot run code.
 
 Every file alexnet writes for later -- checkpoints, store headers, statistics, exports,
-experiment results, dataset markers -- goes through :func:`atomic_write`: a crash at
-any moment leaves the old file or the new one, never half of one. Every folder two
-processes could write at once (a run directory, a store, the built-in dataset) is
-guarded by :func:`exclusive_lock`.
+experiment results, dataset markers -- goes through :func:`atomic_write` (or, for a
+writer that needs a path, :func:`replace_durably`): a crash at any moment leaves the old
+file or the new one, never half of one. Every folder two processes could write at once
+(a run directory, a store, the built-in dataset) is guarded by :func:`exclusive_lock`.
+
+Pickles from elsewhere (CIFAR-10's python batches, the converted Caffe ``.npy``) are
+read by :class:`ArrayUnpickler`, which can build plain containers and NumPy arrays and
+refuses every other global before it is looked up, so no code in the file ever runs;
+``torch.save`` files by :func:`torch_load` (``weights_only=True``), which refuses code too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import pickle
+import struct
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
+
+import numpy as np
 
 from alexnet.errors import AlexNetError
 
@@ -94,6 +106,16 @@ def atomic_write(path: Path, write: Any) -> None:
     fsync_dir(path.parent)
 
 
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Finish a write that went to ``tmp`` (a :func:`temporary_name`, written by a library that
+    takes a path): fsync it, rename it over ``path``, fsync the folder. The caller removes
+    ``tmp`` if anything fails before this."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_file: Path, busy: str | None = None) -> Iterator[None]:
     """Hold an advisory flock on lock_file for the duration.
@@ -126,3 +148,89 @@ def atomic_write_text(path: Path, text: str) -> None:
 def write_json(path: Path, value: Any, **dumps: Any) -> None:
     """:func:`atomic_write` of ``json.dumps(value, **dumps)`` (default ``indent=1``)."""
     atomic_write_text(path, json.dumps(value, **({"indent": 1} | dumps)))
+
+
+# --------------------------------------------------------------------------------------
+# Pickles that may hold only arrays
+
+
+def _numpy_reconstruct() -> Any:
+    try:  # NumPy 2 moved it to numpy._core; NumPy 1 pickles name numpy.core
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+def _array_globals() -> dict[tuple[str, str], Any]:
+    # Files written with NumPy 1.x (and Python 2's cPickle) name "numpy.core"; NumPy 2 "numpy._core".
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),
+        ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Rebuilds dicts, lists, strings, bytes, numbers and NumPy arrays; refuses every other global.
+
+    Names resolve through the fixed table :attr:`allowed` to NumPy's own objects; nothing
+    is imported by the name the file gives, so no code in the file runs. A subclass may
+    add entries to ``allowed`` and word the refusal (:meth:`refusal`) for its files.
+    """
+
+    allowed: ClassVar[dict[tuple[str, str], Any]] = _array_globals()
+
+    def refusal(self, module: str, name: str) -> str:
+        return f"refusing global {module}.{name}: only NumPy arrays and plain containers are allowed"
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(self.refusal(module, name)) from None
+
+
+def load_array_pickle(
+    data: bytes | BinaryIO, *, encoding: str = "ASCII", unpickler: type[ArrayUnpickler] = ArrayUnpickler
+) -> Any:
+    """The object pickled in ``data`` (bytes, or a file positioned at the pickle), built by ``unpickler``.
+
+    ``encoding`` is pickle's for Python 2 ``str`` objects ("bytes", "latin1"). Errors are
+    the unpickler's own (pickle.UnpicklingError for a refused global, EOFError, ValueError,
+    ...), for the caller to word for its files.
+    """
+    f = io.BytesIO(data) if isinstance(data, bytes) else data
+    return unpickler(f, encoding=encoding).load()
+
+
+def torch_load(path: Path, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` on CPU; a damaged file or one holding code is a one-line AlexNetError."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            # A raw pickle of another protocol draws a warning before being refused anyway.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    # Random bytes have made the unpickler raise IndexError and struct.error as well.
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        ValueError,
+        IndexError,
+        struct.error,
+    ) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        unsupported = [line for line in lines if "unsupported global" in line.lower()]
+        if unsupported:
+            # weights_only's unpickler met a reference to code: refuse, never import it.
+            raise AlexNetError(
+                f"refusing {path}: it holds objects other than tensors and plain data ({unsupported[0]})"
+            ) from None
+        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(e).__name__)
+        raise AlexNetError(f"cannot read {what} {path}: damaged or not a PyTorch file ({reason})") from None

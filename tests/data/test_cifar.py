@@ -281,3 +281,29 @@ def test_subset_is_balanced_fixed_and_in_original_order(tmp_path: Path) -> None:
     assert sub.labels.tolist() == sorted(sub.labels.tolist())  # the tree's class-major order is kept
     assert train.subset(0) is train and train.subset(100) is train
     assert torch.bincount(train.subset(4).labels, minlength=3).max() == 2  # 4 = 2 + 1 + 1
+
+
+def test_shared_array_unpickler_refuses_code_and_cifar_extras(tmp_path: Path) -> None:
+    # files.py's ArrayUnpickler, which BatchUnpickler and the Caffe .npy reader build on,
+    # refuses code itself, and _codecs.encode is CIFAR's allowance only.
+    from alexnet.files import ArrayUnpickler, load_array_pickle
+
+    marker = tmp_path / "pwned"
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing global (posix|os|nt)\.system"):
+        load_array_pickle(pickle.dumps([_RunsCode(marker)], protocol=4))
+    assert not marker.exists()
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing global _codecs\.encode"):
+        ArrayUnpickler(io.BytesIO(pickle.dumps({"b": b"\x00\xff"}, protocol=2))).load()
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(load_array_pickle(pickle.dumps({"a": [a]}, protocol=4))["a"][0], a)
+
+
+def test_default_data_path_is_the_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from alexnet.data.cifar import default_data_path
+
+    monkeypatch.delenv("ALEXNET_CIFAR10", raising=False)
+    assert default_data_path() is None
+    monkeypatch.setenv("ALEXNET_CIFAR10", "")
+    assert default_data_path() is None
+    monkeypatch.setenv("ALEXNET_CIFAR10", str(tmp_path / "cifar10.tar.gz"))
+    assert default_data_path() == tmp_path / "cifar10.tar.gz"

@@ -28,9 +28,7 @@ def register(sub: Any) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from alexnet.checkpoint import load_for_inference
-    from alexnet.data.images import ImageFolderDataset, scan_image_folder
-    from alexnet.data.loader import EpochBatchSampler, make_loader
-    from alexnet.data.store import StoreLoader, is_store, open_store
+    from alexnet.data.source import open_eval_data
     from alexnet.evaluate import evaluate
     from alexnet.runtime import resolve_device
 
@@ -47,20 +45,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise AlexNetError(
                 f"{path} expects {pre.image_size}px images, {args.checkpoints[0]} {pres[0].image_size}px"
             )
-    root = Path(args.data)
-    if is_store(root):
-        store = open_store(root, pres[0].image_size)
-        if store.classes != classes:
-            raise AlexNetError(f"store {root} has other classes than {args.checkpoints[0]}")
-        folder, split = root, store.split("val")
-        loader = StoreLoader(split, EpochBatchSampler(len(split), args.batch_size or 64, shuffle=False), device)
-    else:
-        folder = next((root / s for s in ("val", "validation", "test") if (root / s).is_dir()), root)
-        images = scan_image_folder(folder, classes=classes)
-        sampler = EpochBatchSampler(len(images), args.batch_size or 64, shuffle=False)
-        loader = make_loader(
-            ImageFolderDataset(images, pres[0].image_size), sampler, -1 if args.workers is None else args.workers
-        )
+    folder, loader = open_eval_data(
+        args.data,
+        classes,
+        pres[0].image_size,
+        args.batch_size or 64,
+        -1 if args.workers is None else args.workers,
+        device,
+        classes_from=args.checkpoints[0],
+    )
     evaluated, skipped = evaluate(models, pres, loader, device, ten=not args.centre_only)
     if skipped:
         logging.getLogger("alexnet").warning("skipped %d unreadable images, e.g. %s", len(skipped), skipped[0])

@@ -4,7 +4,7 @@ CIFAR-10 is small enough (60,000 x 3 x 32 x 32 bytes = 184 MB) to live in memory
 the training device, as uint8. Batches are then index gathers and augment.py crops and
 flips them as tensor ops: no per-image decoding after the first load. Measured on the
 shared 2-core development machine (2026-11-23, torch 2.14.1, CPU, other jobs running;
-``python -m alexnet.cifar --benchmark /tmp/cifar10`` on the extracted JPEG tree):
+``python benchmarks/cifar_loader.py --benchmark /tmp/cifar10`` on the extracted JPEG tree):
 128-image batches of random 28x28 patches with reflections and PCA lighting came out of
 memory at 9,300 images/s, and from a DataLoader decoding the JPEGs (data.py's
 ImageFolderDataset) at 1,760 images/s in-process and 1,980 with two workers. Loading
@@ -28,25 +28,31 @@ against the known structure (``data`` uint8 (N, 3072), ``labels`` N ints).
 Labels: an ImageFolder tree numbers classes in sorted folder-name order (torchvision's
 rule); the python archive uses ``batches.meta``'s ``label_names``. CIFAR-10's label names
 happen to be in alphabetical order, so both layouts give the same label for each class.
+
+Where the data is: callers pass a path; :func:`default_data_path` reads the environment
+variable ``ALEXNET_CIFAR10`` (a path to any of the layouts above) for those that may
+fall back on a configured copy.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import pickle
 import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from alexnet.data.images import BadImage, find_splits, load_image, scan_image_folder
 from alexnet.errors import AlexNetError
+from alexnet.files import ArrayUnpickler, load_array_pickle
 
 log = logging.getLogger("alexnet")
 
@@ -97,43 +103,24 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-def _numpy_reconstruct() -> Any:
-    try:  # numpy >= 2
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
+class BatchUnpickler(ArrayUnpickler):
+    """An unpickler for CIFAR batches: NumPy arrays and plain containers (files.py's
+    :class:`~alexnet.files.ArrayUnpickler`), and bytes in Python 3 protocol-2 pickles."""
 
+    allowed: ClassVar[dict[tuple[str, str], Any]] = {
+        **ArrayUnpickler.allowed,
+        ("_codecs", "encode"): _latin1_encode,
+    }
 
-# The globals a CIFAR batch needs: numpy's array reconstruction (the official files were
-# written by Python 2's cPickle with numpy 1.x, hence "numpy.core"), and bytes in Python 3
-# protocol-2 pickles. Everything else is refused.
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _latin1_encode,
-}
-
-
-class BatchUnpickler(pickle.Unpickler):
-    """An unpickler for CIFAR batches that resolves only the globals in ``_ALLOWED_GLOBALS``."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"refusing global {module}.{name}: a CIFAR batch holds only arrays and lists"
-            ) from None
+    def refusal(self, module: str, name: str) -> str:
+        return f"refusing global {module}.{name}: a CIFAR batch holds only arrays and lists"
 
 
 def _load_pickle(raw: bytes, what: str) -> dict[str, Any]:
     try:
         # encoding="bytes": the official files are Python 2 pickles whose str objects
         # become bytes (the CIFAR page's own recipe); numpy's dtype accepts b"u1".
-        obj = BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        obj = load_array_pickle(raw, encoding="bytes", unpickler=BatchUnpickler)
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         raise AlexNetError(f"{what} is not a readable CIFAR batch: {e}") from None
     if not isinstance(obj, dict):
@@ -319,62 +306,7 @@ def load_cifar10(path: str | Path) -> tuple[ArraySplit, ArraySplit]:
 
 
 def default_data_path() -> Path | None:
-    """``../shared/data/cifar10-jpeg.tar.gz`` from the current folder, where the project's
-    development machines keep CIFAR-10; None when it is not there."""
-    candidate = Path("..") / "shared" / "data" / "cifar10-jpeg.tar.gz"
-    return candidate if candidate.exists() else None
-
-
-def _benchmark(path: Path, batches: int = 40, batch_size: int = 128) -> dict[str, float]:
-    """Images/s of training batches: from memory (gather + augment.py) and from a JPEG DataLoader."""
-    import time
-
-    from alexnet.data.augment import make_preprocess, train_batch
-    from alexnet.data.images import ImageFolderDataset
-    from alexnet.data.loader import EpochBatchSampler, make_loader
-    from alexnet.data.stats import StatsAccumulator
-
-    start = time.perf_counter()
-    train, _ = load_cifar10(path)
-    load_s = time.perf_counter() - start
-    acc = StatsAccumulator(IMAGE_SIZE)
-    acc.add(train.images[:5000])
-    stats = acc.result()
-    pre = make_preprocess("mean-image-std", 32, 28, stats.mean_image, stats.pixel_std, stats.eigvals, stats.eigvecs)
-    g = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    for _ in range(batches):
-        idx = torch.randint(0, len(train), (batch_size,), generator=g)
-        train_batch(train.images[idx], pre, generator=g)
-    memory = batches * batch_size / (time.perf_counter() - start)
-    result = {"load_seconds": load_s, "memory_images_per_s": memory}
-    if path.is_dir() and not (path / TRAIN_BATCHES[0]).exists():
-        train_dir, _ = find_splits(path)
-        listing = scan_image_folder(train_dir)
-        for workers in (0, 2):
-            sampler = EpochBatchSampler(len(listing), batch_size, shuffle=True, seed=0)
-            loader = make_loader(ImageFolderDataset(listing, IMAGE_SIZE), sampler, workers)
-            it = iter(loader)
-            next(it)  # worker start-up is not throughput
-            start = time.perf_counter()
-            for _ in range(batches):
-                b = next(it)
-                train_batch(b.images, pre, generator=g)
-            result[f"jpeg_loader_{workers}_workers_images_per_s"] = batches * batch_size / (time.perf_counter() - start)
-            del it, loader
-    return result
-
-
-if __name__ == "__main__":  # python -m alexnet.cifar --benchmark DATA
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="CIFAR-10 loading: sizes, and a data-path benchmark")
-    parser.add_argument("data")
-    parser.add_argument("--benchmark", action="store_true")
-    args = parser.parse_args()
-    if args.benchmark:
-        print(json.dumps(_benchmark(Path(args.data)), indent=2))
-    else:
-        tr, te = load_cifar10(args.data)
-        print(json.dumps({"train": list(tr.images.shape), "test": list(te.images.shape), "classes": tr.classes}))
+    """The CIFAR-10 copy named by the environment variable ``ALEXNET_CIFAR10`` (any layout
+    :func:`load_cifar10` accepts); None when it is unset or empty."""
+    value = os.environ.get("ALEXNET_CIFAR10")
+    return Path(value) if value else None

@@ -6,7 +6,7 @@ official ILSVRC-2012 archives (ilsvrc.py). Each image goes through the same
 store holds exactly the uint8 pixels the folder path would produce.
 
 The work is cut into chunks of ``chunk_size`` consecutive images. A process pool decodes
-chunks and writes each straight into the memory-mapped images file; when a chunk is on
+chunks (chunks.py) and writes each straight into the memory-mapped images file; when a chunk is on
 disk (flushed), one line goes into ``prepare-progress.jsonl`` (appended and fsynced, so
 an interrupted write leaves at most a torn last line, which is ignored). Running the same
 command again skips the recorded chunks. The training set's mean image and RGB PCA are
@@ -20,13 +20,11 @@ Images that cannot be decoded are not zero-filled into the data: their slots get
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import sys
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -37,11 +35,12 @@ import numpy as np
 
 from alexnet import __version__
 from alexnet.data import ilsvrc, store
-from alexnet.data.images import BadImage, find_splits, load_image, scan_image_folder
+from alexnet.data.chunks import ChunkTask, chunk_sums, write_chunk
+from alexnet.data.images import find_splits, scan_image_folder
 from alexnet.data.loader import resolve_workers
-from alexnet.data.stats import StatsAccumulator
+from alexnet.data.stats import DataStats, StatsAccumulator
 from alexnet.errors import AlexNetError
-from alexnet.files import exclusive_lock
+from alexnet.files import exclusive_lock, write_json
 
 log = logging.getLogger("alexnet")
 
@@ -102,78 +101,6 @@ def find_source(src: str | Path) -> Source:
             "val": SplitSource(None, [(p, -1, -1) for p in val.paths], val.labels),
         },
     )
-
-
-# --------------------------------------------------------------------------------------
-# Worker side: runs in pool processes (or in-process with workers=0)
-
-_archives: dict[str, int] = {}  # archive path -> file descriptor, one per worker process
-
-
-def _decode(member: Member, archive: str | None, image_size: int) -> np.ndarray:
-    name, offset, size = member
-    if archive is None:
-        return load_image(name, image_size)
-    fd = _archives.get(archive)
-    if fd is None:
-        fd = _archives[archive] = os.open(archive, os.O_RDONLY)
-    data = os.pread(fd, size, offset)
-    if len(data) != size:
-        raise BadImage(f"the archive ends {size - len(data)} bytes before the end of this member")
-    return load_image(io.BytesIO(data), image_size)
-
-
-@dataclass
-class ChunkTask:
-    split: str
-    chunk: int
-    start: int  # first slot
-    images_path: str
-    archive: str | None
-    members: list[Member]
-    image_size: int
-
-
-def write_chunk(task: ChunkTask) -> dict[str, Any]:
-    """Decode one chunk, write it into the store's memory map and flush; returns its progress record."""
-    s = task.image_size
-    buf = np.zeros((len(task.members), s, s, 3), dtype=np.uint8)
-    skipped = []
-    for i, member in enumerate(task.members):
-        try:
-            buf[i] = _decode(member, task.archive, s)
-        except BadImage as e:
-            skipped.append([task.start + i, member[0], str(e)])
-    images = np.load(task.images_path, mmap_mode="r+")
-    images[task.start : task.start + len(buf)] = buf
-    images.flush()  # on disk before the chunk is recorded as done
-    del images
-    return {"split": task.split, "chunk": task.chunk, "crc32": zlib.crc32(buf.data), "skipped": skipped}
-
-
-def chunk_sums(args: tuple[str, int, int, np.ndarray]) -> tuple[np.ndarray, list[int], list[list[int]], int]:
-    """Exact integer sums over a chunk's valid images: per-pixel sum (S, S, 3), RGB sum, RGB outer products.
-
-    Products are summed in float64 over 8 images at a time (at most 8 * S * S * 255^2,
-    far below 2^53, so exact) and returned as Python ints, which never overflow.
-    """
-    path, start, stop, valid = args
-    images = np.load(path, mmap_mode="r")
-    s = images.shape[1]
-    image_sum = np.zeros((s, s, 3), dtype=np.uint64)
-    rgb_sum = np.zeros(3, dtype=np.uint64)
-    outer = [[0] * 3 for _ in range(3)]
-    slots = np.flatnonzero(valid) + start
-    for b in range(0, len(slots), 8):
-        block = images[slots[b : b + 8]]  # (<=8, S, S, 3) uint8
-        image_sum += block.sum(0, dtype=np.uint64)
-        pixels = block.reshape(-1, 3).astype(np.float64)
-        rgb_sum += pixels.sum(0).astype(np.uint64)
-        products = pixels.T @ pixels
-        for i in range(3):
-            for j in range(3):
-                outer[i][j] += int(products[i, j])
-    return image_sum, [int(v) for v in rgb_sum], outer, len(slots)
 
 
 # --------------------------------------------------------------------------------------
@@ -252,31 +179,14 @@ def prepare(
     progress: bool = True,
 ) -> PrepareReport:
     """Write (or finish writing) the store of ``src`` at ``dest``; see the module docstring."""
-    from tqdm import tqdm
-
     if image_size < 1 or chunk_size < 1:
         raise AlexNetError(f"image size and chunk size must be positive; got {image_size} and {chunk_size}")
     dest = Path(dest)
     workers = resolve_workers(workers)
     source = find_source(src)
-    params = {
-        "format": store.FORMAT,
-        "version": store.VERSION,
-        "source": source.kind,
-        "path": str(source.path),
-        "image_size": image_size,
-        "chunk_size": chunk_size,
-        "counts": {name: len(split.members) for name, split in source.splits.items()},
-        "fingerprint": source.fingerprint(image_size, chunk_size),
-    }
-    if (dest / store.HEADER).is_file():
-        header = json.loads((dest / store.HEADER).read_text())
-        if header.get("prepare", {}).get("params") == params:
-            log.info("%s is already a complete store of %s", dest, source.path)
-            return PrepareReport(dest, 0, 0.0, workers, [], complete_before=True)
-        raise AlexNetError(f"{dest} already holds a store of other data or parameters; choose another destination")
-    if dest.exists() and any(dest.iterdir()) and not (dest / store.PROGRESS).is_file():
-        raise AlexNetError(f"{dest} exists and is not an alexnet store; give a new or empty folder")
+    params = _params(source, image_size, chunk_size)
+    if _already_prepared(dest, source, params):
+        return PrepareReport(dest, 0, 0.0, workers, [], complete_before=True)
     dest.mkdir(parents=True, exist_ok=True)
 
     # One prepare per destination at a time: two writers would corrupt the progress log.
@@ -286,36 +196,9 @@ def prepare(
         if not progress_path.is_file():
             with open(progress_path, "w") as f:
                 f.write(json.dumps(params) + "\n")
-        tasks = []
-        for name, split in source.splits.items():
-            path = dest / store.images_file(name)
-            shape = (len(split.members), image_size, image_size, 3)
-            if not done or not path.is_file():
-                # A sparse file: creating it costs nothing whatever its size.
-                np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
-                done = {k: v for k, v in done.items() if k[0] != name}
-            elif store.npy_layout(path)[0] != shape:
-                raise AlexNetError(f"{path} does not have the shape this prepare needs; delete {dest} to start over")
-            for k, start in enumerate(range(0, len(split.members), chunk_size)):
-                if (name, k) not in done:
-                    members = split.members[start : start + chunk_size]
-                    tasks.append(ChunkTask(name, k, start, str(path), split.archive, members, image_size))
+        tasks = _plan_chunks(dest, source, done, image_size, chunk_size)
         todo = sum(len(t.members) for t in tasks)
-        total = sum(len(s.members) for s in source.splits.values())
-        if done:
-            log.info("resuming: %d of %d images already prepared", total - todo, total)
-        bar = tqdm(total=total, initial=total - todo, desc="prepare", unit="img", disable=not progress, smoothing=0.05)
-        start_time = time.perf_counter()
-        with open(progress_path, "a") as log_file:
-            for record in _map(write_chunk, tasks, workers):
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                os.fsync(log_file.fileno())
-                done[record["split"], record["chunk"]] = record
-                bar.update(min(chunk_size, len(source.splits[record["split"]].members) - record["chunk"] * chunk_size))
-        seconds = time.perf_counter() - start_time
-        bar.close()
-
+        seconds = _write_chunks(tasks, source, done, progress_path, chunk_size, workers, progress)
         header = _finish(dest, source, params, done, workers, progress)
     report = PrepareReport(
         dest,
@@ -336,6 +219,88 @@ def prepare(
     return report
 
 
+def _params(source: Source, image_size: int, chunk_size: int) -> dict[str, Any]:
+    """What identifies a prepare: a resumed or repeated one must have exactly these."""
+    return {
+        "format": store.FORMAT,
+        "version": store.VERSION,
+        "source": source.kind,
+        "path": str(source.path),
+        "image_size": image_size,
+        "chunk_size": chunk_size,
+        "counts": {name: len(split.members) for name, split in source.splits.items()},
+        "fingerprint": source.fingerprint(image_size, chunk_size),
+    }
+
+
+def _already_prepared(dest: Path, source: Source, params: dict[str, Any]) -> bool:
+    """True if dest is a complete store of these params; an error if it holds anything else
+    than nothing, an unfinished prepare, or that store."""
+    if (dest / store.HEADER).is_file():
+        header = json.loads((dest / store.HEADER).read_text())
+        if header.get("prepare", {}).get("params") == params:
+            log.info("%s is already a complete store of %s", dest, source.path)
+            return True
+        raise AlexNetError(f"{dest} already holds a store of other data or parameters; choose another destination")
+    if dest.exists() and any(dest.iterdir()) and not (dest / store.PROGRESS).is_file():
+        raise AlexNetError(f"{dest} exists and is not an alexnet store; give a new or empty folder")
+    return False
+
+
+def _plan_chunks(
+    dest: Path, source: Source, done: dict[tuple[str, int], dict[str, Any]], image_size: int, chunk_size: int
+) -> list[ChunkTask]:
+    """The chunks not yet in ``done``, creating each split's images file where needed
+    (``done`` loses the records of a split whose file is new)."""
+    tasks = []
+    for name, split in source.splits.items():
+        path = dest / store.images_file(name)
+        shape = (len(split.members), image_size, image_size, 3)
+        if not done or not path.is_file():
+            # A sparse file: creating it costs nothing whatever its size.
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+            for key in [k for k in done if k[0] == name]:
+                del done[key]
+        elif store.npy_layout(path)[0] != shape:
+            raise AlexNetError(f"{path} does not have the shape this prepare needs; delete {dest} to start over")
+        for k, start in enumerate(range(0, len(split.members), chunk_size)):
+            if (name, k) not in done:
+                members = split.members[start : start + chunk_size]
+                tasks.append(ChunkTask(name, k, start, str(path), split.archive, members, image_size))
+    return tasks
+
+
+def _write_chunks(
+    tasks: list[ChunkTask],
+    source: Source,
+    done: dict[tuple[str, int], dict[str, Any]],
+    progress_path: Path,
+    chunk_size: int,
+    workers: int,
+    progress: bool,
+) -> float:
+    """Decode and write the chunks, recording each in the progress log (fsynced) and in
+    ``done`` as it finishes; returns the seconds taken."""
+    from tqdm import tqdm
+
+    todo = sum(len(t.members) for t in tasks)
+    total = sum(len(s.members) for s in source.splits.values())
+    if done:
+        log.info("resuming: %d of %d images already prepared", total - todo, total)
+    bar = tqdm(total=total, initial=total - todo, desc="prepare", unit="img", disable=not progress, smoothing=0.05)
+    start_time = time.perf_counter()
+    with open(progress_path, "a") as log_file:
+        for record in _map(write_chunk, tasks, workers):
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            os.fsync(log_file.fileno())
+            done[record["split"], record["chunk"]] = record
+            bar.update(min(chunk_size, len(source.splits[record["split"]].members) - record["chunk"] * chunk_size))
+    seconds = time.perf_counter() - start_time
+    bar.close()
+    return seconds
+
+
 def _finish(
     dest: Path,
     source: Source,
@@ -345,57 +310,14 @@ def _finish(
     progress: bool,
 ) -> dict[str, Any]:
     """Labels with skipped slots marked, the training statistics, then the header (last, atomically)."""
-    from tqdm import tqdm
-
-    size, chunk = params["image_size"], params["chunk_size"]
-    splits_info = {}
-    labels_by_split = {}
+    splits_info, labels_by_split = {}, {}
     for name, split in source.splits.items():
-        labels = np.asarray(split.labels, dtype=np.int32)
-        records = [done[name, k] for k in range(-(-len(labels) // chunk))]
-        skipped = [s for r in records for s in r["skipped"]]
-        for slot, _, _ in skipped:
-            labels[slot] = -1
-        if name == "train" and not (labels >= 0).any():
-            raise AlexNetError(f"none of the {len(labels)} training images of {source.path} could be decoded")
-        np.save(dest / store.labels_file(name), labels)
-        labels_by_split[name] = labels
-        splits_info[name] = {
-            "slots": len(labels),
-            "valid": int((labels >= 0).sum()),
-            "images": store.images_file(name),
-            "labels": store.labels_file(name),
-            "labels_sha256": store.sha256_file(dest / store.labels_file(name)),
-            "chunk_size": chunk,
-            "chunk_crc32": [r["crc32"] for r in records],
-            "skipped": [{"slot": slot, "item": item, "reason": reason} for slot, item, reason in skipped],
-        }
-        for _slot, item, reason in skipped[:20]:
-            log.warning("skipped %s: %s", item, reason)
-        if len(skipped) > 20:
-            log.warning(
-                "... and %d more unreadable %s images (all listed in %s)", len(skipped) - 20, name, store.HEADER
-            )
-
-    labels = labels_by_split["train"]
-    path = str(dest / store.images_file("train"))
-    tasks = [(path, a, min(a + chunk, len(labels)), labels[a : a + chunk] >= 0) for a in range(0, len(labels), chunk)]
-    acc = StatsAccumulator(size)
-    bar = tqdm(total=len(tasks), desc="mean image and PCA", unit="chunk", disable=not progress, leave=False)
-    for image_sum, rgb_sum, outer, count in _map(chunk_sums, tasks, workers):
-        acc.add_sums(image_sum.transpose(2, 0, 1), rgb_sum, outer, count)
-        bar.update()
-    bar.close()
-    stats = acc.result()
-    shas = {}
-    for key in store.STATS_KEYS:
-        np.save(dest / store.stats_file(key), getattr(stats, key).numpy())
-        shas[key] = store.sha256_file(dest / store.stats_file(key))
-
+        splits_info[name], labels_by_split[name] = _write_labels(dest, source, name, split, done, params["chunk_size"])
+    stats, shas = _write_stats(dest, labels_by_split["train"], params, workers, progress)
     header = {
         "format": store.FORMAT,
         "version": store.VERSION,
-        "image_size": size,
+        "image_size": params["image_size"],
         "layout": "NHWC",
         "dtype": "uint8",
         "classes": source.classes,
@@ -410,7 +332,64 @@ def _finish(
             "numpy": np.__version__,
         },
     }
-    store.write_json_atomic(dest / store.HEADER, header)
+    write_json(dest / store.HEADER, header)
     (dest / store.PROGRESS).unlink()
     (dest / ".prepare.lock").unlink(missing_ok=True)
     return header
+
+
+def _write_labels(
+    dest: Path,
+    source: Source,
+    name: str,
+    split: SplitSource,
+    done: dict[tuple[str, int], dict[str, Any]],
+    chunk: int,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """One split's labels file (-1 for each skipped slot) and its entry in the header."""
+    labels = np.asarray(split.labels, dtype=np.int32)
+    records = [done[name, k] for k in range(-(-len(labels) // chunk))]
+    skipped = [s for r in records for s in r["skipped"]]
+    for slot, _, _ in skipped:
+        labels[slot] = -1
+    if name == "train" and not (labels >= 0).any():
+        raise AlexNetError(f"none of the {len(labels)} training images of {source.path} could be decoded")
+    np.save(dest / store.labels_file(name), labels)
+    info = {
+        "slots": len(labels),
+        "valid": int((labels >= 0).sum()),
+        "images": store.images_file(name),
+        "labels": store.labels_file(name),
+        "labels_sha256": store.sha256_file(dest / store.labels_file(name)),
+        "chunk_size": chunk,
+        "chunk_crc32": [r["crc32"] for r in records],
+        "skipped": [{"slot": slot, "item": item, "reason": reason} for slot, item, reason in skipped],
+    }
+    for _slot, item, reason in skipped[:20]:
+        log.warning("skipped %s: %s", item, reason)
+    if len(skipped) > 20:
+        log.warning("... and %d more unreadable %s images (all listed in %s)", len(skipped) - 20, name, store.HEADER)
+    return info, labels
+
+
+def _write_stats(
+    dest: Path, labels: np.ndarray, params: dict[str, Any], workers: int, progress: bool
+) -> tuple[DataStats, dict[str, str]]:
+    """The training set's mean image and RGB PCA over its valid slots, saved; and the files' SHA-256."""
+    from tqdm import tqdm
+
+    size, chunk = params["image_size"], params["chunk_size"]
+    path = str(dest / store.images_file("train"))
+    tasks = [(path, a, min(a + chunk, len(labels)), labels[a : a + chunk] >= 0) for a in range(0, len(labels), chunk)]
+    acc = StatsAccumulator(size)
+    bar = tqdm(total=len(tasks), desc="mean image and PCA", unit="chunk", disable=not progress, leave=False)
+    for image_sum, rgb_sum, outer, count in _map(chunk_sums, tasks, workers):
+        acc.add_sums(image_sum.transpose(2, 0, 1), rgb_sum, outer, count)
+        bar.update()
+    bar.close()
+    stats = acc.result()
+    shas = {}
+    for key in store.STATS_KEYS:
+        np.save(dest / store.stats_file(key), getattr(stats, key).numpy())
+        shas[key] = store.sha256_file(dest / store.stats_file(key))
+    return stats, shas

@@ -1,7 +1,7 @@
 """One entry point for a dataset in either form: an ImageFolder tree or a prepared store.
 
-Training and evaluation both ask "store or folder?" here, so the two cannot disagree
-about what a ``--data`` path means.
+Training (:func:`open_training_data`) and evaluation (:func:`open_eval_data`) both ask
+"store or folder?" here, so the two cannot disagree about what a ``--data`` path means.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from alexnet.data.images import ImageFolderDataset, find_splits, scan_image_fold
 from alexnet.data.loader import EpochBatchSampler, make_loader
 from alexnet.data.stats import DataStats, compute_stats
 from alexnet.data.store import StoreLoader, is_store, open_store
+from alexnet.errors import AlexNetError
 
 
 @dataclass
@@ -74,3 +75,33 @@ def open_training_data(
     return TrainingData(
         f"folder {root}", train_images.classes, {k: len(v) for k, v in lists.items()}, folder_stats, folder_loader
     )
+
+
+def open_eval_data(
+    root: str | Path,
+    classes: list[str],
+    image_size: int,
+    batch_size: int,
+    workers: int,
+    device: torch.device | str = "cpu",
+    *,
+    classes_from: str = "the checkpoint",
+) -> tuple[Path, Any]:
+    """(what is evaluated, an iterable of Batch in a fixed order) for ``alexnet evaluate --data root``.
+
+    A store: its val split, whose classes must be ``classes`` (those of ``classes_from``,
+    named in the error). A folder: its ``val/``,
+    ``validation/`` or ``test/`` subfolder if it has one, else the folder itself, read as
+    class folders numbered by ``classes``.
+    """
+    root = Path(root)
+    if is_store(root):
+        store = open_store(root, image_size)
+        if store.classes != classes:
+            raise AlexNetError(f"store {root} has other classes than {classes_from}")
+        split = store.split("val")
+        return root, StoreLoader(split, EpochBatchSampler(len(split), batch_size, shuffle=False), device)
+    folder = next((root / s for s in ("val", "validation", "test") if (root / s).is_dir()), root)
+    images = scan_image_folder(folder, classes=classes)
+    sampler = EpochBatchSampler(len(images), batch_size, shuffle=False)
+    return folder, make_loader(ImageFolderDataset(images, image_size), sampler, workers)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -46,6 +45,7 @@ import torch
 from alexnet.data.loader import Batch, EpochBatchSampler, resolve_workers
 from alexnet.data.stats import DataStats
 from alexnet.errors import AlexNetError
+from alexnet.runtime import cpu_cores
 
 FORMAT = "alexnet-store"
 VERSION = 1
@@ -73,16 +73,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to a temporary file, fsync, rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -304,7 +294,7 @@ class StoreLoader:
         # Default: half the cores, at most 8. One thread copies about 8 GB/s from the page
         # cache (development machine), 40,000 images/s at 256x256; the rest of the cores
         # stay with the training process (kernel launches, the CPU step).
-        threads = threads or min(8, max(1, (os.cpu_count() or 2) // 2))
+        threads = threads or min(8, max(1, cpu_cores() // 2))
         self.prefetch, self.threads = max(1, prefetch, threads), threads
         self.cuda = self.device.type == "cuda"
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from alexnet.checkpoint import (
 )
 from alexnet.data.augment import Preprocess, patch_offsets
 from alexnet.errors import AlexNetError
+from alexnet.files import replace_durably, temporary_name
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 ONNX_OPSET = 17
@@ -181,7 +181,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, tolerance: float =
     out.parent.mkdir(parents=True, exist_ok=True)
     loaded = load_model(checkpoint, "cpu")
     net = Deployable(loaded.model, loaded.preprocess).eval()
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp = temporary_name(out)
     try:
         if fmt == "onnx":
             candidate = _write_onnx(net, loaded, tmp)
@@ -199,7 +199,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, tolerance: float =
                 f"{fmt} export of {checkpoint} differs from PyTorch: max |diff| {diff:.3g} > tolerance {allowed:.3g} "
                 f"(logits up to {scale:.3g}); nothing written to {out}"
             )
-        os.replace(tmp, out)
+        replace_durably(tmp, out)  # fsynced, then renamed: only a checked export ever has the name
     finally:
         tmp.unlink(missing_ok=True)
     return ExportReport(out, fmt, diff, allowed, scale)
