@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from alexnet import __version__
 from alexnet.data import ilsvrc, store
 from alexnet.data.chunks import ChunkTask, chunk_sums, write_chunk
 from alexnet.data.images import find_splits, scan_image_folder
@@ -41,6 +40,7 @@ from alexnet.data.loader import resolve_workers
 from alexnet.data.stats import DataStats, StatsAccumulator
 from alexnet.errors import AlexNetError
 from alexnet.files import exclusive_lock, write_json
+from alexnet.runtime import package_version
 
 log = logging.getLogger("alexnet")
 
@@ -326,7 +326,7 @@ def _finish(
         "stats": {"count": stats.count, "sha256": shas},
         "prepare": {
             "params": params,
-            "alexnet_version": __version__,
+            "alexnet_version": package_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "python": sys.version.split()[0],
             "numpy": np.__version__,
