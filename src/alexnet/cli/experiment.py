@@ -12,17 +12,19 @@ from alexnet.errors import AlexNetError
 
 
 def register(sub: Any) -> None:
+    from alexnet.experiments import REGISTRY
+
     x = sub.add_parser(
         "experiment",
         help="the paper's claims on CIFAR-10: relu-vs-tanh (Figure 1) or ablations",
         description="Reproduce Figure 1 (relu-vs-tanh) or the architecture ablations (ablations) on CIFAR-10. "
         "Unset options take the full-size defaults, or the --reduced ones.",
     )
-    x.add_argument("name", choices=("relu-vs-tanh", "ablations"))
+    x.add_argument("name", choices=tuple(REGISTRY))
     x.add_argument(
         "--data",
         help="CIFAR-10: an ImageFolder tree (train/, test/), its .tar.gz, or cifar-10-python.tar.gz "
-        "(default: ../shared/data/cifar10-jpeg.tar.gz if present)",
+        "(default: the path in the environment variable ALEXNET_CIFAR10)",
     )
     x.add_argument(
         "--out", help="run directory (default: runs/<name>-<time>); an existing one with the same settings is continued"

@@ -1,0 +1,396 @@
+"""``alexnet experiment ablations``: the components the paper credits, removed one at a time.
+
+A CIFAR-scale version of the paper's network (:func:`ablation_model_options`: the same
+eight layers, two towers, LRN, overlapping pooling and dropout, sized for 32x32 images)
+trained with each component the paper credits removed in turn, over several seeds; test
+top-1 error mean and standard deviation next to the effect the paper claims.
+
+Training is :func:`alexnet.train.memory.fit`, test errors come from evaluate.py; the run
+directory is :class:`~alexnet.experiments.common.RunDir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alexnet.data.cifar import ArraySplit
+from alexnet.data.stats import DataStats
+from alexnet.errors import AlexNetError
+from alexnet.experiments.common import (
+    Experiment,
+    RunDir,
+    check_at_least_one,
+    check_counts,
+    device_line,
+    evaluate_split,
+    make_pre,
+    mean_std,
+    pct,
+    pyplot,
+    split_stats,
+)
+from alexnet.models.alexnet import count_parameters, create_model
+from alexnet.train.memory import Recipe, fit
+
+log = logging.getLogger("alexnet")
+
+
+@dataclass(frozen=True)
+class Variant:
+    what: str  # the change from the baseline
+    paper: str  # the paper's claim about the component
+    paper_top1: float | None  # claimed top-1 error added by removing it (ImageNet, points)
+    model: dict[str, Any] = field(default_factory=dict)  # model options replaced
+    half_width: bool = False  # halve the conv widths (the paper's one-GPU comparison net)
+    lighting: bool = True
+
+
+VARIANTS: dict[str, Variant] = {
+    "baseline": Variant("everything on: LRN, 3/2 pooling, dropout, PCA lighting, two towers, five convs", "-", None),
+    "no-lrn": Variant(
+        "no local response normalisation",
+        "LRN lowers top-1 by 1.4 (ImageNet); a four-layer CIFAR-10 net: 13% -> 11% test error",
+        1.4,
+        {"lrn": "none"},
+    ),
+    "non-overlap-pool": Variant(
+        "2x2 stride-2 pooling instead of 3x3 stride 2",
+        "overlapping pooling lowers top-1 by 0.4",
+        0.4,
+        {"pooling": "non-overlap"},
+    ),
+    "no-dropout": Variant(
+        "dropout 0 in fc6 and fc7", "without dropout the net overfits substantially (no number)", None, {"dropout": 0.0}
+    ),
+    "no-pca-lighting": Variant(
+        "no PCA colour augmentation", "PCA lighting lowers top-1 by over 1", 1.0, lighting=False
+    ),
+    "one-tower-half": Variant(
+        "one tower with half the kernels in every conv layer",
+        "two towers lower top-1 by 1.7 against one GPU with half the kernels",
+        1.7,
+        {"towers": 1},
+        half_width=True,
+    ),
+    "one-tower": Variant(
+        "one tower, same kernel counts (conv2/4/5 see all maps)",
+        "not in the paper: grouping alone",
+        None,
+        {"towers": 1},
+    ),
+    "no-conv4": Variant("conv4 removed", "removing any middle conv layer costs about 2 top-1", 2.0, {"remove_conv": 4}),
+}
+TEN_PATCH_CLAIM = "ten patches lower top-1 from 39.0 to 37.5 (ILSVRC-2010 test)"
+
+
+@dataclass
+class AblationSettings:
+    subset: int = 0  # training images (balanced); 0: all 50,000
+    test_subset: int = 0  # test images; 0: all 10,000
+    epochs: int = 30
+    seeds: int = 3
+    width: float = 0.5  # conv widths 48-128-192-192-128 (the paper's x 0.5)
+    fc_width: int = 1024
+    lr: float = 0.01  # the paper's
+    batch_size: int = 128
+    variants: tuple[str, ...] = tuple(VARIANTS)
+
+    def __post_init__(self) -> None:
+        check_at_least_one(self, ("epochs", "seeds", "batch_size", "fc_width"))
+        check_counts(self, ("subset", "test_subset"))
+        if self.lr <= 0:
+            raise AlexNetError(f"--lr must be positive; got {self.lr}")
+        if not 0 < self.width <= 4:
+            raise AlexNetError(f"--width must be in (0, 4]; got {self.width}")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise AlexNetError(
+                f"unknown ablation variant(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}"
+            )
+
+
+REDUCED_ABLATIONS = AblationSettings(subset=500, test_subset=500, epochs=2, seeds=1, width=0.125, fc_width=128)
+
+
+def ablation_model_options(settings: AblationSettings, variant: Variant) -> dict[str, Any]:
+    """The paper's network sized for CIFAR-10, with the variant's change.
+
+    32x32 images stand for the paper's 256x256 and random 28x28 patches for its 224x224
+    (28/32 = 224/256, so crops, reflections and the ten test patches keep their
+    proportions). conv1 is 5x5 stride 1 instead of 11x11 stride 4: at 28 pixels a
+    stride-4 conv would leave 7x7 maps and nothing after three poolings; 5x5/1 leaves
+    28 -> 13 -> 6 -> 2 through the three 3/2 poolings (non-overlapping: 14 -> 7 -> 3).
+    Everything else is the paper's: eight layers, two towers as grouped convolutions,
+    LRN with the paper's constants after conv1 and conv2, dropout 0.5 in fc6 and fc7.
+    He initialisation on unit-scale input (the README's reason: the paper's N(0, 0.01)
+    with biases of 1 stalls in short schedules).
+    """
+    options: dict[str, Any] = {
+        "activation": "relu",
+        "lrn": "paper",
+        "pooling": "overlap",
+        "towers": 2,
+        "dropout": 0.5,
+        "init": "kaiming",
+        "width": settings.width,
+        "fc_width": settings.fc_width,
+        "conv1_kernel": 5,
+        "conv1_stride": 1,
+        "conv1_padding": 2,
+        "input_size": 28,
+    }
+    options.update(variant.model)
+    if variant.half_width:
+        options["width"] = settings.width / 2
+    return options
+
+
+def ablation_recipe(settings: AblationSettings, variant: Variant) -> Recipe:
+    # Weight decay 5e-4, momentum 0.9, batch 128, lr 0.01: the paper's. The paper divides
+    # lr by 10 on validation plateaus; a fixed schedule (at 50% and 75% of the run) needs no
+    # held-out split and treats every variant alike.
+    return Recipe(
+        epochs=settings.epochs,
+        lr=settings.lr,
+        batch_size=settings.batch_size,
+        weight_decay=5e-4,
+        lr_drops=(0.5, 0.75),
+        crop_size=28,
+        flip=True,
+        lighting_std=0.1 if variant.lighting else 0.0,
+    )
+
+
+@dataclass(frozen=True)
+class AblationJob:
+    variant: str
+    seed: int
+
+
+def ablation_run(
+    job: AblationJob,
+    train: ArraySplit,
+    test: ArraySplit,
+    stats: DataStats,
+    settings: AblationSettings,
+    *,
+    device: torch.device,
+    on_row: Callable[[dict[str, float]], None],
+) -> dict[str, Any]:
+    """Train one variant with one seed and test it (module level, so worker processes can run it)."""
+    name, variant = job.variant, VARIANTS[job.variant]
+    recipe = ablation_recipe(settings, variant)
+    pre = make_pre(stats, recipe).to(device)
+    torch.manual_seed(job.seed)
+    model = create_model("paper", len(train.classes), **ablation_model_options(settings, variant)).to(device)
+    r = fit(model, train, pre, recipe, seed=job.seed, device=device, on_row=on_row)
+    if r.diverged:
+        raise AlexNetError(f"{name} seed {job.seed} diverged (loss {r.rows[-1]['train_loss']}); lower --lr")
+    errors = evaluate_split(model, pre, test, device, ten=name == "baseline")
+    out = {
+        "variant": name,
+        "seed": job.seed,
+        "parameters": count_parameters(model),
+        "final_train_error": r.final_train_error,
+        "test_top1_error": errors["centre"].top1_error,
+        "test_top5_error": errors["centre"].top5_error,
+        "test_images": errors["centre"].images,
+        "seconds": r.seconds,
+        "images_per_s": r.images / r.seconds if r.seconds else math.nan,
+    }
+    if "ten_patches" in errors:
+        out["ten_top1_error"] = errors["ten_patches"].top1_error
+        out["ten_top5_error"] = errors["ten_patches"].top5_error
+    log.info("  %s seed %d: test top-1 error %.2f%%", name, job.seed, 100 * out["test_top1_error"])
+    return out
+
+
+def ablations(
+    train: ArraySplit,
+    test: ArraySplit,
+    settings: AblationSettings,
+    device: torch.device,
+    run: RunDir,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """The ablation experiment; returns the summary (also written to the run directory).
+    The settings checked their variants when made (:class:`AblationSettings`)."""
+    train, test = train.subset(settings.subset), test.subset(settings.test_subset)
+    jobs = {f"{v}-seed{seed}": AblationJob(v, seed) for v in settings.variants for seed in range(settings.seeds)}
+    done = run.run_all(ablation_run, (train, test, split_stats(train), settings), jobs, device, workers)
+    results = {v: [done[f"{v}-seed{seed}"] for seed in range(settings.seeds)] for v in settings.variants}
+    summary = _ablation_summary(settings, train, test, results, run)
+    _plot_ablations(summary, run.out / "ablations.png")
+    run.write_summary(summary, _ablation_markdown(summary))
+    return summary
+
+
+def _verdict(effect: float, se: float, n: int, claimed: bool) -> str:
+    """Whether removing a component raised the error: compared with twice its standard error."""
+    if not math.isfinite(effect):
+        return "undetermined"
+    if not math.isfinite(se) or n < 2:
+        return "undetermined (one seed: no spread)"
+    if effect > 2 * se:
+        return "yes" if claimed else "helps"
+    if effect < -2 * se:
+        return "no (the opposite)" if claimed else "hurts"
+    return "not resolved (within noise)"
+
+
+def _ablation_summary(
+    settings: AblationSettings, train: ArraySplit, test: ArraySplit, results: dict[str, list[dict]], run: RunDir
+) -> dict[str, Any]:
+    rows = []
+    base = results.get("baseline")
+    base_errs = [r["test_top1_error"] for r in base] if base else []
+    b_mean, b_std = mean_std(base_errs)
+    for name, runs in results.items():
+        errs = [r["test_top1_error"] for r in runs]
+        mean, std = mean_std(errs)
+        row: dict[str, Any] = {
+            "variant": name,
+            "what": VARIANTS[name].what,
+            "paper": VARIANTS[name].paper,
+            "paper_top1_effect": VARIANTS[name].paper_top1,
+            "seeds": len(runs),
+            "test_top1_errors": errs,
+            "mean": mean,
+            "std": std,
+            "final_train_error_mean": statistics.fmean(r["final_train_error"] for r in runs),
+            "parameters": runs[0]["parameters"],
+        }
+        if name != "baseline" and base:
+            effect = mean - b_mean  # points of error the component is worth (removing it adds this)
+            se = math.sqrt(
+                (std**2 if len(errs) > 1 else math.nan) / len(errs)
+                + (b_std**2 if len(base_errs) > 1 else math.nan) / len(base_errs)
+            )
+            row.update(
+                effect=effect,
+                effect_se=se,
+                reproduced=_verdict(
+                    effect,
+                    se,
+                    min(len(errs), len(base_errs)),
+                    VARIANTS[name].paper_top1 is not None or name == "no-dropout",
+                ),
+            )
+        rows.append(row)
+    if base and "ten_top1_error" in base[0]:
+        rows.append(_ten_patch_row(base))
+    return {
+        "experiment": "ablations",
+        "training_images": len(train),
+        "test_images": len(test),
+        "settings": dataclasses.asdict(settings),
+        "environment": run.environment(),
+        "rows": rows,
+    }
+
+
+def _ten_patch_row(base: list[dict]) -> dict[str, Any]:
+    """The baseline tested on the centre patch against the ten patches (the paper's test-time averaging)."""
+    base_errs = [r["test_top1_error"] for r in base]
+    b_mean, b_std = mean_std(base_errs)
+    # Paired by seed: the same trained net tested both ways.
+    diffs = [r["test_top1_error"] - r["ten_top1_error"] for r in base]
+    d_mean, d_std = mean_std(diffs)
+    tens = [r["ten_top1_error"] for r in base]
+    t_mean, t_std = mean_std(tens)
+    return {
+        "variant": "baseline, centre patch only",
+        "what": "baseline tested on the centre 28x28 patch only, not the ten patches",
+        "paper": TEN_PATCH_CLAIM,
+        "paper_top1_effect": 1.5,
+        "seeds": len(base),
+        "test_top1_errors": base_errs,
+        "mean": b_mean,
+        "std": b_std,
+        "ten_patch_errors": tens,
+        "ten_patch_mean": t_mean,
+        "ten_patch_std": t_std,
+        "effect": d_mean,
+        "effect_se": d_std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
+        "reproduced": _verdict(d_mean, d_std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan, len(diffs), True),
+        "final_train_error_mean": statistics.fmean(r["final_train_error"] for r in base),
+        "parameters": base[0]["parameters"],
+    }
+
+
+def _plot_ablations(summary: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    rows = [r for r in summary["rows"] if "ten_patch_mean" not in r]
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1.2), dpi=120)
+    ys = range(len(rows))
+    means = [100 * r["mean"] for r in rows]
+    stds = [100 * r["std"] if math.isfinite(r["std"]) else 0.0 for r in rows]
+    ax.barh(
+        list(ys),
+        means,
+        xerr=stds,
+        color=["#555555" if r["variant"] == "baseline" else "#aaaaaa" for r in rows],
+        capsize=3,
+    )
+    for y, r in zip(ys, rows):
+        for e in r["test_top1_errors"]:
+            ax.plot(100 * e, y, "k.", markersize=3)
+    ax.set_yticks(list(ys), [r["variant"] for r in rows])
+    ax.invert_yaxis()
+    if rows[0]["variant"] == "baseline":
+        ax.axvline(means[0], color="#555555", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("test top-1 error (%), centre patch")
+    ax.set_title("bars: mean over seeds, lines: std, dots: single seeds", fontsize=8)
+    lo = min(100 * min(r["test_top1_errors"]) for r in rows)
+    ax.set_xlim(max(0.0, lo - 5), None)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _ablation_markdown(s: dict[str, Any]) -> str:
+    env = s["environment"]
+    st = s["settings"]
+    lines = [
+        "# Ablations of the paper's network on CIFAR-10",
+        "",
+        f"Command: `{env['command']}`  ",
+        device_line(env),
+        (
+            f"{s['training_images']:,} training images, {s['test_images']:,} test images, {st['epochs']} epochs, "
+            f"batch {st['batch_size']}, width x{st['width']:g}, fc {st['fc_width']}, {st['seeds']} seed(s) per variant."
+        ),
+        "",
+        (
+            "Effect = variant's mean test top-1 error minus the baseline's (points); positive means the "
+            "component helps. Reproduced = the effect exceeds twice its standard error in the paper's direction."
+        ),
+        "",
+        "| variant | change | paper's claim | test top-1 error % (mean +- std, n) | effect (+- se) | reproduced |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in s["rows"]:
+        err = f"{pct(r['mean'])} +- {pct(r['std'])} (n={r['seeds']})"
+        if "ten_patch_mean" in r:
+            err = f"centre {pct(r['mean'])} / ten {pct(r['ten_patch_mean'])} +- {pct(r['ten_patch_std'])} (n={r['seeds']})"
+        effect = "-" if "effect" not in r else f"{100 * r['effect']:+.2f} +- {pct(r['effect_se'])}"
+        lines.append(f"| {r['variant']} | {r['what']} | {r['paper']} | {err} | {effect} | {r.get('reproduced', '-')} |")
+    lines += ["", "Training error at the last epoch (online, with augmentation and dropout), mean over seeds:", ""]
+    lines += [
+        f"- {r['variant']}: {pct(r['final_train_error_mean'])}% ({r['parameters']:,} parameters)"
+        for r in s["rows"]
+        if "ten_patch_mean" not in r
+    ]
+    return "\n".join(lines) + "\n"
+
+
+EXPERIMENT = Experiment("ablations", AblationSettings, AblationSettings(), REDUCED_ABLATIONS, ablations)
