@@ -13,11 +13,13 @@ from alexnet.models.alexnet import (
     create_model,
     model_config,
 )
+from alexnet.models.figure1 import Figure1Net
 from alexnet.models.towers import TowerParallelAlexNet
 
 __all__ = [
     "MODEL_NAMES",
     "AlexNet",
+    "Figure1Net",
     "LocalResponseNorm",
     "ModelConfig",
     "PaperAlexNet",
