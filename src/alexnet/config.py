@@ -35,7 +35,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    # The GLOBAL batch: summed over all ranks and accumulation steps (distributed.py).
+    # The GLOBAL batch: summed over all ranks and accumulation steps (train/distributed.py).
     batch_size: int = 128
     epochs: int = 90  # "roughly 90 cycles through the training set" (section 5)
     lr: float = 0.01
@@ -93,7 +93,7 @@ _SWITCH_WORDS = {True: "on", False: "off", "true": "on", "false": "off", "yes": 
 class SpeedConfig:
     """How the training step is computed; none of these changes what it computes beyond rounding.
 
-    "auto" picks what is fastest and safe on the device (see step.py for the measurements).
+    "auto" picks what is fastest and safe on the device (see train/step.py for the decisions, benchmarks/RESULTS.md for the measurements).
     """
 
     amp: str | bool = "auto"  # auto | bf16 | fp16 | off: autocast dtype (fp16 uses loss scaling)

@@ -1,6 +1,6 @@
 """The paper's augmentation and test-time patches, as batched tensor operations.
 
-Input is always a uint8 batch (B, 3, S, S) of the fixed-size images from data.py, on the
+Input is always a uint8 batch (B, 3, S, S) of the fixed-size images from images.py, on the
 device that trains (GPU or CPU); output is float32, mean-subtracted, ready for the
 network. Doing this per batch on the device rather than per image in PIL keeps the
 data path off the critical path (the airbench approach).
@@ -117,7 +117,7 @@ def train_batch(
     ``draws``/``offset``: the random parameters are drawn for ``draws`` images (default: the
     batch) and images take rows offset.. of them. A rank holding one share of a global
     batch draws for the whole global batch and keeps its slice, so every sample gets the
-    same augmentation whatever the number of ranks (distributed.py).
+    same augmentation whatever the number of ranks (train/distributed.py).
     """
     n, s, crop, dev = images.shape[0], images.shape[-1], pre.crop_size, images.device
     total = n if draws is None else draws

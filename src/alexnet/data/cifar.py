@@ -6,7 +6,7 @@ flips them as tensor ops: no per-image decoding after the first load. Measured o
 shared 2-core development machine (2026-11-23, torch 2.14.1, CPU, other jobs running;
 ``python benchmarks/cifar_loader.py --benchmark /tmp/cifar10`` on the extracted JPEG tree):
 128-image batches of random 28x28 patches with reflections and PCA lighting came out of
-memory at 9,300 images/s, and from a DataLoader decoding the JPEGs (data.py's
+memory at 9,300 images/s, and from a DataLoader decoding the JPEGs (images.py's
 ImageFolderDataset) at 1,760 images/s in-process and 1,980 with two workers. Loading
 all 60,000 JPEGs once took 12-18 s from the .tar.gz or the tree.
 

@@ -22,7 +22,7 @@ from alexnet.errors import AlexNetError
 
 @dataclass
 class TrainingData:
-    """What train.py needs of a dataset, whichever form it is in."""
+    """What training (alexnet.train) needs of a dataset, whichever form it is in."""
 
     description: str
     classes: list[str]

@@ -80,7 +80,7 @@ def check_counts(settings: Any, keys: Iterable[str]) -> None:
 
 
 def split_stats(split: ArraySplit, chunk: int = 5000) -> DataStats:
-    """Mean image and RGB PCA of an in-memory split (data.py's accumulator, in chunks)."""
+    """Mean image and RGB PCA of an in-memory split (data/stats.py's accumulator, in chunks)."""
     acc = StatsAccumulator(split.images.shape[-1])
     for i in range(0, len(split), chunk):
         acc.add(split.images[i : i + chunk])

@@ -130,7 +130,7 @@ class _LRNFunction(torch.autograd.Function):
     float32, forward + backward, two towers): LRN1 (32, 96, 55, 55) 134 ms against 326 ms,
     LRN2 (32, 256, 27, 27) 44 against 137 ms; the whole paper-net step 1.6-1.8x faster in
     float32 and in bf16 (benchmarks/lrn_ab.py, paired). Equal to F.local_response_norm, gradients by
-    gradcheck (tests/test_model.py).
+    gradcheck (tests/models/test_model.py).
 
     s is computed in float32 whatever the input (bf16 under autocast): in bf16, s = 2 + ...
     moves in steps of 1/64, which rounds away much of LRN's few-percent effect (the

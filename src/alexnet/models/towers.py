@@ -17,7 +17,7 @@ gradients back (a reduce-scatter, or an all-to-all on gloo). Every rank computes
 loss from the same logits; each backpropagates ``loss / 2`` so the gradients, summed over
 the ranks by the all-gathers' backward, are those of the loss once. The module is built
 from a grouped ``PaperAlexNet`` and :meth:`TowerParallelAlexNet.tower_state` maps the
-gradients back; tests/test_towers.py checks outputs and all gradients against the single
+gradients back; tests/models/test_towers.py checks outputs and all gradients against the single
 process model with two gloo processes.
 
 Communication per step, as a model (counted from the layer shapes, not measured), for
