@@ -1,4 +1,4 @@
-"""Shared test fixtures: a private statistics cache, and writers of small JPEG files and ImageFolder trees."""
+"""Shared test fixtures: a private statistics cache, writers of small JPEG files and ImageFolder trees, and CIFAR-like data."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from alexnet.data.cifar import ArraySplit
 
 # A network small enough to train in a second: 32 px images, 28 px crops.
 # Command-line options shared by the end-to-end tests (test_cli, test_distributed).
@@ -131,3 +134,35 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
     ids = [f"c{i}" for i in range(6)]
     names = ["class zero", "class one", "class two", "class three", "class four", "class five"]
     return write_tiny_checkpoint(tmp_path / "tiny.pt", ids, names)
+
+
+# CIFAR-10-like data for the experiment tests: a class colour plus noise per image.
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def class_images(label: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 32, 32, 3): a class colour plus noise, so a small net can learn the classes."""
+    colour = np.array([(label * 70) % 256, (label * 130 + 60) % 256, (label * 200 + 120) % 256])
+    noise = rng.integers(-40, 41, (n, 32, 32, 3))
+    return np.clip(colour + noise, 0, 255).astype(np.uint8)
+
+
+def make_split(n_per_class: int, classes: int = 2, seed: int = 0) -> ArraySplit:
+    rng = np.random.default_rng(seed)
+    imgs = np.concatenate([class_images(c, n_per_class, rng) for c in range(classes)])
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    return ArraySplit(torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), labels, CLASSES[:classes])
+
+
+@pytest.fixture(scope="module")
+def cifar_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CIFAR-10-shaped ImageFolder tree: 10 classes, 12 training and 4 test PNGs each."""
+    root = tmp_path_factory.mktemp("cifar-like")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for label, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i, img in enumerate(class_images(label, n, rng)):
+                Image.fromarray(img).save(root / split / name / f"{i:04d}.png")
+    return root

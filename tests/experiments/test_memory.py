@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from cifar_like import make_split
 
 from alexnet.experiments.common import make_pre, split_stats
 from alexnet.models.figure1 import Figure1Net
 from alexnet.train.memory import Recipe, fit, lr_at
+from conftest import make_split
 
 
 def test_lr_schedule_hand_computed() -> None:
