@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from alexnet.data.loader import resolve_workers
 from alexnet.errors import AlexNetError
@@ -262,9 +263,8 @@ def _params(image_size: int, train_per_class: int, val_per_class: int, seed: int
 def _remove_old_images(root: Path) -> None:
     """Delete the numbered JPEGs (and their temporary files) in the class folders; nothing else.
 
-    A smaller regeneration must not leave stale high-numbered images behind, which
-    ImageFolder would pick up; keeping to this module's own file names means a ``root``
-    that holds other data loses none of it.
+    A smaller regeneration must leave no stale high-numbered images for ImageFolder to
+    find; a ``root`` that holds other data loses none of it.
     """
     for split in SPLITS:
         for name in CLASSES:
@@ -304,12 +304,8 @@ def make_shapes_dataset(
     _remove_old_images(root)
 
     per_class = {"train": train_per_class, "val": val_per_class}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(CLASSES) * sum(per_class.values()), desc="synthetic shapes", unit="img")
-    try:
+    total = len(CLASSES) * sum(per_class.values())
+    with tqdm(total=total, desc="synthetic shapes", unit="img", disable=not progress) as bar:
         for split in SPLITS:
             for label, name in enumerate(CLASSES):
                 folder = root / split / name
@@ -319,11 +315,7 @@ def make_shapes_dataset(
                     # No per-file fsync/rename: the marker written last is what
                     # certifies completeness, which makes per-file atomicity moot.
                     image.save(folder / f"{index:05d}.jpg", format="JPEG", quality=JPEG_QUALITY)
-                    if bar is not None:
-                        bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+                    bar.update(1)
 
     atomic_write_text(marker, json.dumps(params, indent=2, sort_keys=True) + "\n")
     return root
