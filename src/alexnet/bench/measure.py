@@ -41,8 +41,8 @@ class BenchConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        # Refused here rather than deep in a run: zero steps divided by zero seconds, and a
-        # crop larger than the stored images failed inside the augmentation, with tracebacks.
+        # Refused before anything is generated or prepared: zero steps would divide by zero
+        # seconds, and a crop cannot be larger than the stored images it is cut from.
         sizes = {"images": self.images, "image_size": self.image_size, "crop_size": self.crop_size}
         sizes |= {"batch_size": self.batch_size, "steps": self.steps}
         sizes |= {f"batch_sizes[{i}]": b for i, b in enumerate(self.batch_sizes)}
