@@ -20,7 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from alexnet.bench import BenchConfig, our_step, sync
+from alexnet.bench.measure import BenchConfig, sync
+from alexnet.bench.run import our_step
 from alexnet.data.augment import make_preprocess
 from alexnet.runtime import resolve_device
 from alexnet.train.step import StepOptions

@@ -1,4 +1,4 @@
-"""bench.py: a tiny run on the CPU writes every field; FLOP counts and peaks against hand computation.
+"""alexnet.bench: a tiny run on the CPU writes every field; FLOP counts and peaks against hand computation.
 
 Timings are not asserted (they depend on the machine); what is checked is that every
 measurement, ratio, MFU and target is present and consistent with the others.
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet import bench
+from alexnet.bench.flops import GPU_PEAKS, cpu_peak, device_peak, gpu_peak_key, step_flops
 from alexnet.cli import main
 from alexnet.config import SpeedConfig
 from alexnet.models.alexnet import create_model
@@ -65,7 +65,7 @@ def test_flops_of_torchvision_alexnet_match_its_published_count() -> None:
     (backward: gradients of inputs and of weights), less conv1's input gradient, which is not needed."""
     model = create_model("torchvision")
     x, y = torch.randn(1, 3, 224, 224), torch.zeros(1, dtype=torch.long)
-    flops = bench.step_flops(model, x, y)
+    flops = step_flops(model, x, y)
     forward = 2 * 0.714e9
     conv1_input_grad = 2 * 64 * 55 * 55 * 3 * 11 * 11
     assert flops == pytest.approx(3 * forward - conv1_input_grad, rel=0.01)
@@ -84,7 +84,7 @@ def test_paper_net_flops_count_grouped_convolutions_per_tower() -> None:
         + 9216 * 4096 + 4096 * 4096 + 4096 * 1000
     )  # fmt: skip
     conv1_input_grad = 55 * 55 * 96 * 3 * 11 * 11
-    assert bench.step_flops(model, x, y) == 2 * (3 * macs - conv1_input_grad)
+    assert step_flops(model, x, y) == 2 * (3 * macs - conv1_input_grad)
 
 
 def test_torch_alone_overcounts_grouped_weight_gradients() -> None:
@@ -98,26 +98,26 @@ def test_torch_alone_overcounts_grouped_weight_gradients() -> None:
         conv(x).sum().backward()
     torch_backward = counter.get_total_flops() - forward
     # bench counts a step on data, so there is no input gradient: forward + weight gradient.
-    ours = bench.step_flops(torch.nn.Sequential(conv, torch.nn.Flatten()), x.detach(), torch.zeros(1, dtype=torch.long))
+    ours = step_flops(torch.nn.Sequential(conv, torch.nn.Flatten()), x.detach(), torch.zeros(1, dtype=torch.long))
     assert ours == forward + forward
     assert torch_backward in (2 * forward, 3 * forward)  # 3x: weight gradient counted as ungrouped
 
 
 def test_gpu_peak_table_lookup() -> None:
-    assert bench.gpu_peak_key("NVIDIA H100 80GB HBM3") == "H100 SXM"
-    assert bench.gpu_peak_key("NVIDIA H100 PCIe") == "H100 PCIe"
-    assert bench.gpu_peak_key("NVIDIA H100 NVL") == "H100 NVL"
-    assert bench.gpu_peak_key("NVIDIA H200") == "H200"
-    assert bench.gpu_peak_key("NVIDIA A100-SXM4-80GB") == "A100"
-    assert bench.gpu_peak_key("Tesla T4") is None
-    assert bench.GPU_PEAKS["H100 SXM"]["bf16"] == 989.4e12
+    assert gpu_peak_key("NVIDIA H100 80GB HBM3") == "H100 SXM"
+    assert gpu_peak_key("NVIDIA H100 PCIe") == "H100 PCIe"
+    assert gpu_peak_key("NVIDIA H100 NVL") == "H100 NVL"
+    assert gpu_peak_key("NVIDIA H200") == "H200"
+    assert gpu_peak_key("NVIDIA A100-SXM4-80GB") == "A100"
+    assert gpu_peak_key("Tesla T4") is None
+    assert GPU_PEAKS["H100 SXM"]["bf16"] == 989.4e12
 
 
 def test_cpu_peak_is_an_estimate_and_bf16_is_not_below_fp32() -> None:
-    fp32, source = bench.cpu_peak("fp32")
-    bf16, _ = bench.cpu_peak("bf16")
+    fp32, source = cpu_peak("fp32")
+    bf16, _ = cpu_peak("bf16")
     assert fp32 > 1e9 and bf16 >= fp32 and source.startswith("estimate")
-    peak, source = bench.device_peak(torch.device("cpu"), "fp32", 2.5)
+    peak, source = device_peak(torch.device("cpu"), "fp32", 2.5)
     assert peak == 2.5e12 and "--peak-tflops" in source
 
 

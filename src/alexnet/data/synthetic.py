@@ -1,66 +1,48 @@
-"""Built-in synthetic dataset: rendered shapes and textures in ImageFolder layout.
+"""The synthetic datasets: rendered shapes for training anywhere, ImageNet-sized JPEGs for timing.
 
-``alexnet train`` falls back to this dataset when no data is given, so the whole
-pipeline (loading, augmentation, training, evaluation) can run anywhere with no
-download. The layout is the one ``torchvision.datasets.ImageFolder`` reads::
+The shapes: ``alexnet train`` falls back to them when no data is given, so the whole
+pipeline (loading, augmentation, training, evaluation) runs with no download. Ten
+classes carried only by geometry: foreground and background colours come from one
+distribution for every class, and position, scale, rotation, aspect ratio, line
+thickness, a lighting gradient and pixel noise vary within each class, so a small CNN
+learns the task in a few epochs and a linear model on raw pixels does not. Each image is
+drawn from its own generator seeded with ``(seed, split, class, index)``: any one image
+can be rendered alone, in any order, and train and val never coincide. The layout is
+the one torchvision's ImageFolder reads::
 
     ROOT/train/<class>/00000.jpg ...
     ROOT/val/<class>/00000.jpg ...
-    ROOT/shapes-complete.json       # written last; see ensure_shapes_dataset
+    ROOT/shapes-complete.json       # written last: the dataset is complete
 
-Every image is drawn from its own ``numpy.random.Generator`` seeded with
-``(seed, split, class, index)``, so any single image can be reproduced on its own,
-independently of generation order, and train and val images never coincide.
-
-The class is carried only by geometry. Foreground and background colours come from
-the same distribution for every class, and position, scale, rotation, aspect ratio,
-line thickness, a lighting gradient and pixel noise vary within each class: a small
-CNN learns the task in a few epochs, while a linear model on raw pixels does not
-solve it.
+The benchmark's images (:func:`make_bench_images`): smooth random colour fields with
+pixel noise at ImageNet's size and file size, so that the reference pipeline of
+``alexnet bench`` pays a realistic JPEG decode.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import math
 import os
 import re
-from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
+from alexnet.data.loader import resolve_workers
 from alexnet.errors import AlexNetError
+from alexnet.files import atomic_write_text, cache_dir, exclusive_lock
 
-__all__ = [
-    "CLASSES",
-    "DATASET_VERSION",
-    "MARKER_NAME",
-    "SPLITS",
-    "default_dataset_dir",
-    "ensure_shapes_dataset",
-    "image_rng",
-    "make_shapes_dataset",
-    "render_image",
-]
+log = logging.getLogger("alexnet")
 
 # Sorted order is the order ImageFolder assigns labels in, so label i == CLASSES[i]
 # whether a caller uses this tuple or the folder scan.
-CLASSES: tuple[str, ...] = (
-    "checker",
-    "circle",
-    "cross",
-    "dots",
-    "ring",
-    "square",
-    "star",
-    "stripes-h",
-    "stripes-v",
-    "triangle",
-)
+CLASSES: tuple[str, ...] = tuple("checker circle cross dots ring square star stripes-h stripes-v triangle".split())
 
 # Bump whenever rendering changes, so caches made by older code are regenerated
 # rather than silently mixed with new images (the marker records it).
@@ -84,25 +66,13 @@ _MAX_GRADIENT: float = 30.0
 _NOISE_SIGMA: tuple[float, float] = (3.0, 12.0)
 
 
-# --------------------------------------------------------------------------- paths
-
-
 def default_dataset_dir() -> Path:
-    """Return where the default dataset lives.
-
-    ``$ALEXNET_CACHE/datasets/shapes-v1`` if ``ALEXNET_CACHE`` is set (and non-empty),
-    else ``~/.cache/alexnet/datasets/shapes-v1``. The directory is not created.
-    """
-    cache = os.environ.get("ALEXNET_CACHE")
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "alexnet"
-    return base / "datasets" / f"shapes-v{DATASET_VERSION}"
-
-
-# ------------------------------------------------------------------------ rendering
+    """``datasets/shapes-v<DATASET_VERSION>`` in the cache folder (files.cache_dir); not created."""
+    return cache_dir() / "datasets" / f"shapes-v{DATASET_VERSION}"
 
 
 def image_rng(seed: int, split: str, label: int, index: int) -> np.random.Generator:
-    """Return the generator that draws image ``index`` of class ``label`` in ``split``.
+    """The generator that draws image ``index`` of class ``label`` in ``split``.
 
     Seeding from the full tuple (rather than one stream consumed in order) is what
     makes every image reproducible in isolation and the splits disjoint.
@@ -172,7 +142,7 @@ def _cross(half_width: float) -> np.ndarray:
 
 
 def _shape_mask(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Render a geometric class as a 0/255 mask on a size x size canvas."""
+    """A geometric class as a 0/255 mask on a size x size canvas."""
     radius = rng.uniform(0.20, 0.40) * size
     angle = rng.uniform(0.0, 2.0 * math.pi)
     # Relative stroke width for outlined variants: thin enough to read as an
@@ -211,7 +181,7 @@ def _shape_mask(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _texture_mask(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Render a texture class as a 0/255 mask covering the whole canvas."""
+    """A texture class as a 0/255 mask covering the whole canvas."""
     xx, yy = _grid(size)
     if name in ("stripes-h", "stripes-v"):
         # Tilt is capped well below 45 degrees so the two stripe classes never meet.
@@ -245,7 +215,7 @@ _TEXTURES = frozenset({"stripes-h", "stripes-v", "checker", "dots"})
 
 
 def render_image(label: int, image_size: int, rng: np.random.Generator) -> Image.Image:
-    """Render one RGB ``image_size`` x ``image_size`` image of class ``CLASSES[label]``.
+    """One RGB ``image_size`` x ``image_size`` image of class ``CLASSES[label]``.
 
     The mask is drawn at twice the size and box-downsampled, which anti-aliases
     edges for the cost of one extra reshape.
@@ -272,11 +242,12 @@ def render_image(label: int, image_size: int, rng: np.random.Generator) -> Image
     return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
-# ----------------------------------------------------------------------- generation
-
-
 def _params(image_size: int, train_per_class: int, val_per_class: int, seed: int) -> dict:
-    """The marker's content: everything that determines the dataset's bytes."""
+    """The marker's content: everything that determines the dataset's bytes; AlexNetError for invalid values."""
+    checks = (("image_size", image_size, 8), ("train_per_class", train_per_class, 1))
+    for name, value, minimum in (*checks, ("val_per_class", val_per_class, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise AlexNetError(f"synthetic dataset: {name} must be an integer >= {minimum}, got {value!r}")
     return {
         "format": "alexnet-shapes",
         "version": DATASET_VERSION,
@@ -289,28 +260,11 @@ def _params(image_size: int, train_per_class: int, val_per_class: int, seed: int
     }
 
 
-def _check_args(image_size: int, train_per_class: int, val_per_class: int, seed: int) -> None:
-    for name, value, minimum in (
-        ("image_size", image_size, 8),
-        ("train_per_class", train_per_class, 1),
-        ("val_per_class", val_per_class, 1),
-        ("seed", seed, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise AlexNetError(f"synthetic dataset: {name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _counts(train_per_class: int, val_per_class: int) -> dict[str, int]:
-    return {"train": train_per_class, "val": val_per_class}
-
-
 def _remove_old_images(root: Path) -> None:
-    """Delete images a previous (possibly different or interrupted) run left behind.
+    """Delete the numbered JPEGs (and their temporary files) in the class folders; nothing else.
 
-    Only this module's own files are removed -- numbered JPEGs inside the known class
-    folders -- so pointing ``root`` at a directory holding other data cannot destroy it.
-    A smaller regeneration must not leave stale high-numbered images behind, since
-    ImageFolder would pick them up.
+    A smaller regeneration must leave no stale high-numbered images for ImageFolder to
+    find; a ``root`` that holds other data loses none of it.
     """
     for split in SPLITS:
         for name in CLASSES:
@@ -322,12 +276,6 @@ def _remove_old_images(root: Path) -> None:
                     os.unlink(entry.path)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def make_shapes_dataset(
     root: str | Path,
     *,
@@ -337,26 +285,15 @@ def make_shapes_dataset(
     seed: int = 0,
     progress: bool = False,
 ) -> Path:
-    """Write the dataset under ``root`` (created if needed) and return ``root``.
+    """Write the dataset under ``root`` (created if needed), always anew, and return ``root``.
 
-    Always regenerates: the completion marker is removed first and rewritten only
-    after every image is on disk, so a run interrupted at any point leaves a
-    directory that ``ensure_shapes_dataset`` recognises as incomplete. Images left
-    by an earlier run in the class folders are deleted; nothing else under ``root``
-    is touched.
-
-    Args:
-        root: Dataset directory; ``train/`` and ``val/`` are created inside it.
-        image_size: Side length in pixels of the square RGB images (>= 8).
-        train_per_class: Training images per class.
-        val_per_class: Validation images per class.
-        seed: Non-negative seed; the same seed always yields identical files.
-        progress: Show a tqdm progress bar.
-
-    Raises:
-        AlexNetError: On invalid arguments, or if ``root`` exists but is not a directory.
+    Images of ``image_size`` pixels square, per class ``train_per_class`` in train/ and
+    ``val_per_class`` in val/; the same seed gives the same files, byte for byte. The
+    marker is removed first and written after the last image, so a run interrupted at
+    any point leaves a folder :func:`ensure_shapes_dataset` regenerates. AlexNetError for
+    invalid arguments or a ``root`` that is a file.
     """
-    _check_args(image_size, train_per_class, val_per_class, seed)
+    params = _params(image_size, train_per_class, val_per_class, seed)
     root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
         raise AlexNetError(f"synthetic dataset: {root} exists and is not a directory")
@@ -366,30 +303,21 @@ def make_shapes_dataset(
     marker.unlink(missing_ok=True)
     _remove_old_images(root)
 
-    counts = _counts(train_per_class, val_per_class)
-    total = len(CLASSES) * sum(counts.values())
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="synthetic shapes", unit="img")
-    try:
+    per_class = {"train": train_per_class, "val": val_per_class}
+    total = len(CLASSES) * sum(per_class.values())
+    with tqdm(total=total, desc="synthetic shapes", unit="img", disable=not progress) as bar:
         for split in SPLITS:
             for label, name in enumerate(CLASSES):
                 folder = root / split / name
                 folder.mkdir(parents=True, exist_ok=True)
-                for index in range(counts[split]):
+                for index in range(per_class[split]):
                     image = render_image(label, image_size, image_rng(seed, split, label, index))
                     # No per-file fsync/rename: the marker written last is what
                     # certifies completeness, which makes per-file atomicity moot.
                     image.save(folder / f"{index:05d}.jpg", format="JPEG", quality=JPEG_QUALITY)
-                    if bar is not None:
-                        bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+                    bar.update(1)
 
-    _write_json_atomic(marker, _params(image_size, train_per_class, val_per_class, seed))
+    atomic_write_text(marker, json.dumps(params, indent=2, sort_keys=True) + "\n")
     return root
 
 
@@ -405,34 +333,15 @@ def _is_complete(root: Path, params: dict) -> bool:
         return False
     if recorded != params:
         return False
-    counts = _counts(params["train_per_class"], params["val_per_class"])
     for split in SPLITS:
         for name in CLASSES:
             try:
                 found = sum(1 for e in os.scandir(root / split / name) if _IMAGE_NAME.match(e.name))
             except OSError:
                 return False
-            if found != counts[split]:
+            if found != params[f"{split}_per_class"]:
                 return False
     return True
-
-
-@contextlib.contextmanager
-def _exclusive(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``root`` so concurrent callers (e.g. several
-    data-parallel ranks) generate the dataset once instead of racing on its files.
-    A no-op where ``fcntl`` is unavailable (Windows)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(root / ".lock", "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def ensure_shapes_dataset(
@@ -444,25 +353,22 @@ def ensure_shapes_dataset(
     seed: int = 0,
     progress: bool = False,
 ) -> Path:
-    """Return a complete dataset at ``root``, generating it only if absent or incomplete.
+    """A complete dataset at ``root`` (default :func:`default_dataset_dir`), generated only if needed.
 
-    ``root`` defaults to ``default_dataset_dir()``. Completeness is recorded by a
-    small JSON marker (generation parameters and ``DATASET_VERSION``) that
-    ``make_shapes_dataset`` writes last, after all images: a missing marker means an
-    interrupted or never-run generation, and a marker whose parameters differ from
-    the requested ones means a different dataset; both trigger regeneration, as do
-    missing images. Keyword arguments are those of ``make_shapes_dataset``.
+    Regenerated when the marker is missing (never run, or interrupted), records other
+    parameters or another DATASET_VERSION, or images are missing. Arguments as
+    :func:`make_shapes_dataset`'s.
     """
     root = Path(root).expanduser() if root is not None else default_dataset_dir()
-    _check_args(image_size, train_per_class, val_per_class, seed)
     params = _params(image_size, train_per_class, val_per_class, seed)
     if _is_complete(root, params):
         return root
     if root.exists() and not root.is_dir():
         raise AlexNetError(f"synthetic dataset: {root} exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root):
-        # Re-check under the lock: another process may have finished meanwhile.
+    # Several processes (data-parallel ranks) may ask at once: the first generates, the
+    # others wait for the lock and then find the dataset complete.
+    with exclusive_lock(root / ".lock"):
         if not _is_complete(root, params):
             make_shapes_dataset(
                 root,
@@ -472,4 +378,39 @@ def ensure_shapes_dataset(
                 seed=seed,
                 progress=progress,
             )
+    return root
+
+
+def _write_bench_image(args: tuple[Path, int, int, int, int]) -> None:
+    path, seed, index, width, height = args
+    rng = np.random.default_rng((seed, index))
+    # A smooth random colour field plus pixel noise: about 90 KB per 500x375 JPEG at
+    # quality 90, near ImageNet's average file (~110 KB at ~400x350).
+    low = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    img = np.asarray(low.resize((width, height), Image.BICUBIC), dtype=np.float32)
+    img = img + rng.normal(0, 16, img.shape).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
+
+
+def make_bench_images(
+    root: Path, images: int, classes: int = 10, size: tuple[int, int] = (500, 375), seed: int = 0, workers: int = -1
+) -> Path:
+    """``root/{train,val}/<class>/*.jpg``: ``images`` training JPEGs and a tenth as many for val; reused if complete."""
+    marker = root / "bench-images.json"
+    params = {"images": images, "classes": classes, "size": list(size), "seed": seed}
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return root
+    tasks = []
+    for split, n in (("train", images), ("val", max(classes, images // 10))):
+        for i in range(n):
+            tasks.append((root / split / f"c{i % classes:02d}" / f"{i:07d}.jpg", seed + (split == "val"), i, *size))
+    workers = resolve_workers(workers)
+    log.info("writing %d benchmark JPEGs (%dx%d) to %s", len(tasks), size[0], size[1], root)
+    if workers:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_bench_image, tasks, chunksize=16))
+    else:
+        list(map(_write_bench_image, tasks))
+    atomic_write_text(marker, json.dumps(params))
     return root

@@ -1,0 +1,109 @@
+"""The named baseline: torchvision's AlexNet trained the way pytorch/examples' ImageNet script does.
+
+Data: torchvision ImageFolder, PIL decoding with RandomResizedCrop, RandomHorizontalFlip,
+ToTensor and Normalize in DataLoader workers, pinned memory on CUDA. Step:
+torchvision.models.alexnet in float32 eager, torch.optim.SGD, and the ``loss.item()``
+that loop calls every step (a device synchronisation it pays for). Nothing here is tuned:
+it is the pipeline this project's numbers are ratios to.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alexnet.bench.flops import device_peak, fp32_kind, step_flops
+from alexnet.bench.measure import BenchConfig, Measurement, endless, timed
+from alexnet.errors import AlexNetError
+
+log = logging.getLogger("alexnet")
+
+
+def reference_loader(root: Path, batch: int, crop: int, workers: int, device: torch.device) -> tuple[Any, Any]:
+    """pytorch/examples/imagenet's training loader for torchvision's alexnet (crop 224 there)."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    normalize = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    transform = T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    dataset = ImageFolder(str(root / "train"), transform)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0, drop_last=True,
+    )  # fmt: skip
+    return loader, dataset
+
+
+def reference_step(
+    classes: int, device: torch.device
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], float], torch.nn.Module]:
+    """pytorch/examples' loop body: torchvision alexnet, float32 eager, SGD, a loss.item() per step."""
+    import torchvision
+
+    torch.manual_seed(0)
+    # pytorch/examples' imagenet/main.py sets cudnn.benchmark = True too; set here so the
+    # reference does not depend on whether our TrainStep (which also sets it) ran first.
+    torch.backends.cudnn.benchmark = True
+    model = torchvision.models.alexnet(num_classes=classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    criterion = torch.nn.CrossEntropyLoss()
+    model.train()
+
+    def step(images: torch.Tensor, target: torch.Tensor) -> float:
+        output = model(images)
+        loss = criterion(output, target)
+        value = loss.item()  # losses.update(loss.item(), images.size(0)) in pytorch/examples
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return value
+
+    return step, model
+
+
+def measure_reference(
+    root: Path, classes: int, bc: BenchConfig, workers: int, device: torch.device
+) -> dict[str, Measurement]:
+    """The reference pipeline's data path, model step and end to end, keyed as in the results."""
+    b, n = bc.batch_size, bc.batch_size * bc.steps
+    loader, dataset = reference_loader(root, b, bc.crop_size, workers, device)
+    if len(dataset) < b:
+        raise AlexNetError(f"{root}/train has fewer than {b} images")
+    batches = endless(loader)
+
+    def data_only() -> None:
+        images, target = next(batches)
+        images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+
+    out = {}
+    seconds = timed(data_only, bc.steps, bc.warmup, device)
+    out["reference_data"] = Measurement("reference: data", n / seconds, seconds, n)
+    log.info("reference data path: %.1f images/s", out["reference_data"].images_per_s)
+
+    step, model = reference_step(classes, device)
+    x = torch.randn(b, 3, bc.crop_size, bc.crop_size, device=device)
+    y = torch.randint(0, classes, (b,), device=device)
+    flops = step_flops(model, x, y) / b
+    kind = fp32_kind(device)
+    peak, source = device_peak(device, kind, bc.peak_tflops)
+    seconds = timed(lambda: step(x, y), bc.steps, bc.warmup, device)
+    out["reference_step"] = Measurement(
+        "reference: step", n / seconds, seconds, n, flops, kind, peak, source, {"model": "torchvision.models.alexnet"}
+    )
+    log.info("reference step: %.1f images/s", out["reference_step"].images_per_s)
+
+    def end_to_end() -> None:
+        images, target = next(batches)
+        step(images.to(device, non_blocking=True), target.to(device, non_blocking=True))
+
+    seconds = timed(end_to_end, bc.steps, bc.warmup, device)
+    out["reference_end_to_end"] = Measurement(
+        "reference: end to end", n / seconds, seconds, n, flops, kind, peak, source
+    )
+    log.info("reference end to end: %.1f images/s", out["reference_end_to_end"].images_per_s)
+    batches.close()
+    return out
