@@ -44,7 +44,7 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
-def device_name(device: torch.device) -> str:
+def describe_device(device: torch.device) -> str:
     """The GPU's name, or the CPU with its cores and torch threads (what a timing depends on)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -62,7 +62,9 @@ def environment(device: torch.device, command: str | None = None) -> dict[str, A
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": cpu_cores(),
         "device": str(device),
-        "device_name": device_name(device),
+        # bench's key since its first results: the GPU's name, or "cpu"
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_description": describe_device(device),
     }
     try:
         import torchvision

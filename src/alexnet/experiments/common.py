@@ -290,4 +290,4 @@ def pct(x: float | None, digits: int = 2) -> str:
 
 def device_line(env: dict[str, Any]) -> str:
     """The summary.md line of the environment (:func:`alexnet.runtime.environment`): device, torch, day."""
-    return f"Device: {env['device_name']}; torch {env['torch']}; {env['date'][:10]}.  "
+    return f"Device: {env['device_description']}; torch {env['torch']}; {env['date'][:10]}.  "
