@@ -47,15 +47,24 @@ def dataset(tmp_path_factory) -> Path:
     )
 
 
+FAULT_WORKER = str(Path(__file__).with_name("fault_worker.py"))
+
+
 def torchrun(
-    *args: str, nproc: int = 2, env: dict[str, str] | None = None, restarts: int = 0
+    *args: str, nproc: int = 2, kill_at_step: int | None = None, restarts: int = 0
 ) -> subprocess.CompletedProcess:
-    """A real torchrun job of `alexnet` on this machine's CPU."""
+    """A real torchrun job of `alexnet` on this machine's CPU.
+
+    ``kill_at_step``: rank 1 dies (exit code 17) after that step on torchrun's first
+    attempt; the job then runs fault_worker.py, `alexnet` with that fault injected.
+    """
+    worker = ["-m", "alexnet"] if kill_at_step is None else [FAULT_WORKER]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        f"--max-restarts={restarts}", "-m", "alexnet", *map(str, args),
+        f"--max-restarts={restarts}", *worker, *map(str, args),
     ]  # fmt: skip
-    full_env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    env = {} if kill_at_step is None else {"ALEXNET_FAULT_KILL_AT_STEP": str(kill_at_step)}
+    full_env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
     for var in distributed.RENDEZVOUS_VARS:  # the test process itself is no rank
         full_env.pop(var, None)
     full_env["CUDA_VISIBLE_DEVICES"] = ""
@@ -238,7 +247,7 @@ def test_a_killed_rank_ends_the_job_with_the_checkpoint_intact_and_it_resumes(da
     # job started again continues from it to the parameters of an uninterrupted run.
     out = tmp_path / "run"
     args = ["train", "--data", dataset, "--out", out, "--epochs", "1", *TINY, "--set", "run.checkpoint_every=2"]
-    done = torchrun(*args, env={"ALEXNET_FAULT_KILL_AT_STEP": "3"})
+    done = torchrun(*args, kill_at_step=3)
     assert done.returncode != 0 and "exitcode  : 17" in done.stderr
     state = load_checkpoint(out / "last.pt")
     assert (state["epoch"], state["batch"], state["step"]) == (0, 2, 2)
@@ -256,7 +265,7 @@ def test_torchrun_restarts_a_job_whose_rank_died_and_it_finishes_from_the_checkp
     out = tmp_path / "run"
     done = torchrun(
         "train", "--data", dataset, "--out", out, "--epochs", "1", *TINY, "--set", "run.checkpoint_every=2",
-        env={"ALEXNET_FAULT_KILL_AT_STEP": "3"}, restarts=1,
+        kill_at_step=3, restarts=1,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "exitcode: 17" in done.stderr and "restart 1 by torchrun: resuming" in done.stderr

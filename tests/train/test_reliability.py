@@ -31,13 +31,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_cli import TINY
 
 import alexnet
 from alexnet.cli import main
 from alexnet.data.synthetic import make_shapes_dataset
-from alexnet.train import run as train_module
+from alexnet.train import checkpoints as checkpoints_module
 from alexnet.train import step as step_module
+from alexnet.train.optim import PaperSGD
+from conftest import TINY
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals and resource limits")
 
@@ -351,17 +352,17 @@ def test_weights_overflowing_with_a_finite_loss_are_never_checkpointed(
 ) -> None:
     # An update that overflows (here: forced) leaves the loss of that step finite; the
     # check of the weights before writing the checkpoint catches it.
-    real_step = train_module.PaperSGD.step
+    real_step = PaperSGD.step
     counter = itertools.count(1)
 
-    def overflowing_step(self: train_module.PaperSGD, closure: Any = None) -> Any:
+    def overflowing_step(self: PaperSGD, closure: Any = None) -> Any:
         result = real_step(self, closure)
         if next(counter) == 4:
             with torch.no_grad():
                 self.param_groups[0]["params"][0].fill_(math.inf)
         return result
 
-    monkeypatch.setattr(train_module.PaperSGD, "step", overflowing_step)
+    monkeypatch.setattr(PaperSGD, "step", overflowing_step)
     out = tmp_path / "run"
     assert train_in_process(dataset, out, "--set", "run.checkpoint_every=2") == 2
     assert "weights became non-finite by step 4 (epoch 1; the loss was finite" in _error_line(capsys)
@@ -374,7 +375,7 @@ def test_skip_nonfinite_leaves_the_step_undone_and_counts_it(
     # The last batch of epoch 1 is poisoned; with a checkpoint every 14 steps, the state
     # before it (step 14, mid-epoch) and after it (the epoch-end checkpoint) must be equal.
     saved: list[dict[str, Any]] = []
-    real_save = train_module.save_run_checkpoint
+    real_save = checkpoints_module.save_run_checkpoint
 
     def recording_save(run_dir: Path, state: dict[str, Any], **kw: Any) -> Path:
         saved.append(
@@ -387,7 +388,7 @@ def test_skip_nonfinite_leaves_the_step_undone_and_counts_it(
         )
         return real_save(run_dir, state, **kw)
 
-    monkeypatch.setattr(train_module, "save_run_checkpoint", recording_save)
+    monkeypatch.setattr(checkpoints_module, "save_run_checkpoint", recording_save)
     poison_batches(monkeypatch, {STEPS_PER_EPOCH})
     out = tmp_path / "run"
     extra = ["--set", "optim.skip_nonfinite=true", "--set", "run.checkpoint_every=14"]

@@ -10,7 +10,7 @@ import torch
 
 from alexnet.config import OptimConfig
 from alexnet.train.optim import PaperSGD, param_groups, plateau_schedule
-from alexnet.train.run import StopSignals
+from alexnet.train.state import StopSignals
 
 
 def test_paper_update_rule_hand_computed():

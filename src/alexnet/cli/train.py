@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import subprocess
 import sys
@@ -70,35 +71,24 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     return subprocess.run(command).returncode
 
 
+def _recipe_options_given(args: argparse.Namespace) -> list[str]:
+    """The options given that set a run's recipe, which a resumed run keeps (--data, --model, ...)."""
+    fixed = [f"--{name.replace('_', '-')}" for name in ("data", "preset", "model", "lr", "batch_size", "seed", "out")]
+    return [flag for flag in fixed if getattr(args, flag[2:].replace("-", "_")) is not None] + (
+        ["--set"] if args.set else []
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from alexnet.train import check_resume_changes, resume, train
     from alexnet.train.distributed import from_env
-    from alexnet.train.run import resume, train
 
     if args.nproc is not None:
         if from_env().active:
             raise AlexNetError("--nproc starts torchrun itself; under torchrun leave it out")
         return _launch_torchrun(args)
     if args.resume:
-        # A resumed run keeps its saved recipe: refuse flags that would silently not apply.
-        fixed = [
-            f"--{name.replace('_', '-')}" for name in ("data", "preset", "model", "lr", "batch_size", "seed", "out")
-        ]
-        given = [flag for flag in fixed if getattr(args, flag[2:].replace("-", "_")) is not None] + (
-            ["--set"] if args.set else []
-        )
-        if given:
-            from alexnet.checkpoint import load_checkpoint
-
-            saved = load_checkpoint(Path(args.resume) / "last.pt")["config"]["model"]
-            if args.model and args.model != saved["name"]:
-                raise AlexNetError(
-                    f"the checkpoint in {args.resume} is a '{saved['name']}' model with {saved['num_classes']} "
-                    f"classes; --model {args.model} cannot change a run being resumed"
-                )
-            raise AlexNetError(
-                f"--resume continues {args.resume} with its saved config; {', '.join(given)} cannot change it "
-                "(only --epochs, --device, --workers and --no-progress can)"
-            )
+        check_resume_changes(args.resume, _recipe_options_given(args), args.model)
         run_dir = resume(
             args.resume,
             epochs=args.epochs,
@@ -111,7 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.out and not any(s.startswith("run.out=") for s in args.set):
             if from_env().active:  # the default name is a time stamp: ranks would disagree
                 raise AlexNetError("with several processes give the run directory explicitly: --out RUN_DIR")
-            cfg.run.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+            cfg = dataclasses.replace(
+                cfg, run=dataclasses.replace(cfg.run, out=str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
+            )
         run_dir = train(cfg)
     print(f"run directory: {run_dir}")
     return 0

@@ -14,10 +14,9 @@ The switches of ``speed`` (config.SpeedConfig) change how the step is computed, 
   two convolutions per layer (model.TowerConv2d); same parameters, same function.
 * ``flush_denormal``: on the CPU, treat denormal floats (below 1.2e-38) as zero
   (torch.set_flush_denormal, for the whole process). Arithmetic on denormals is
-  microcoded and about 100x slower; some oneDNN paths produce them during training. On
-  the shapes preset (measured 2026-11-23, 2-core development CPU) the second epoch fell
-  from 607 to 115 images/s with channels_last and float32, and bf16 ran at 79-116
-  instead of 636 images/s, without it. TensorFlow flushes denormals by default too.
+  microcoded and about 100x slower; some oneDNN paths produce them during training and
+  the shapes preset's training slowed several times over without flushing
+  (benchmarks/RESULTS.md, "Denormal floats"). TensorFlow flushes denormals by default too.
 
 With several ranks (distributed.py) the forward runs through DistributedDataParallel,
 which averages gradients over ranks during backward; with ``accumulate`` > 1 the rank's
@@ -26,22 +25,19 @@ the last, so ranks communicate once per update).
 
 "auto" resolves per device. On CUDA: bf16 (fp16 before compute capability 8.0),
 channels_last, compiled, grouped tower convolutions (not yet measured against split on a
-GPU: `alexnet bench` times both; benchmarks/RESULTS.md). On the CPU: bf16 where the CPU
-has AMX-BF16 tiles (float32 otherwise), eager, grouped, denormals flushed, and
-channels_last for torchvision's network only. Measured on the 2-core development CPU
-(Xeon with AMX, torch 2.14.1, 2026-11-23, batch 64, each configuration's images/s over
-the reference step's in the same round, median of 8-10 rounds):
+GPU: `alexnet bench` times both). On the CPU: bf16 where the CPU has AMX-BF16 tiles
+(float32 otherwise: bf16 without them is emulated), eager, grouped, denormals flushed,
+and channels_last for torchvision's network only (it is slower for the paper net in
+bf16). Each choice is the faster one in the paired measurements of benchmarks/RESULTS.md
+(section 2, "The speed switches on the CPU": the 2-core development CPU, torch 2.14.1,
+2026-11-23, each configuration's images/s over the reference step's in the same round);
+split towers were within noise of grouped ones there.
 
-    torchvision's network   float32 1.01, + channels_last 1.10, bf16 1.51, bf16 + channels_last 1.91
-    paper network           float32 0.39, + channels_last 0.41, bf16 0.64, bf16 + channels_last 0.58,
-                            split towers within noise of grouped (0.53-0.55 vs 0.58-0.64 in bf16),
-                            compiled bf16 1.03-1.07 whatever the layout and towers
-
-torch.compile is off on the CPU although it helps the paper net 1.6x: it needs a C++
-toolchain at run time and compiles before the first step of each model and batch shape
-(22.6 s for the paper net at batch 64, measured; Inductor caches it for later runs), a
-large share of the minutes-long CPU runs this project makes. Long CPU runs should set
-speed.compile=on.
+torch.compile is off on the CPU although it helps the paper net about 1.6x there: it
+needs a C++ toolchain at run time and compiles before the first step of each model and
+batch shape (22.6 s for the paper net at batch 64, measured; Inductor caches it for later
+runs), a large share of the minutes-long CPU runs this project makes. Long CPU runs should
+set speed.compile=on.
 
 Nothing in the step reads a value back to the host: the loss and the count of errors
 come back as device tensors, summed by the caller. The one exception is fp16, whose
