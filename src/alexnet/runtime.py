@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
+import sys
 import time
 from importlib import metadata
 from typing import Any
@@ -78,3 +80,38 @@ def environment(device: torch.device, command: str | None = None) -> dict[str, A
     if command is not None:
         env["command"] = command
     return env
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this (worker) process die with SIGKILL when its parent dies, however the parent dies.
+
+    Called first thing in every worker the program starts (DataLoader worker_init_fn,
+    process-pool initializer) with the pid of the process that started it. Without it a
+    worker orphaned by kill -9 of its parent lives on, blocked on its queue, and holds
+    what it inherited by fork: the flock of a store being prepared or of a run directory,
+    which then refuses the re-run. Linux only (prctl PR_SET_PDEATHSIG); elsewhere, or
+    where libc cannot be loaded, a no-op: workers then rely on their own checks (torch's
+    DataLoader workers poll their parent every few seconds).
+
+    The signal fires when the *thread* that forked this process exits, not only the
+    process: the DataLoader and the process pools here fork from the main thread, whose
+    end is the end of the program. After prctl, the parent's pid is compared with the
+    expected one: a parent that died before prctl ran would never send the signal.
+    """
+    if not sys.platform.startswith("linux"):
+        return  # no prctl: PR_SET_PDEATHSIG exists only on Linux
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
+        return
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:  # pragma: no cover - never fails for SIGKILL
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl: nobody would signal us
+        os._exit(1)

@@ -18,6 +18,7 @@ import torch
 
 from alexnet.bench.flops import device_peak, fp32_kind, step_flops
 from alexnet.bench.measure import BenchConfig, Measurement, endless, timed
+from alexnet.data.loader import die_with_parent_init
 from alexnet.errors import AlexNetError
 
 log = logging.getLogger("alexnet")
@@ -34,6 +35,7 @@ def reference_loader(root: Path, batch: int, crop: int, workers: int, device: to
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=workers > 0, drop_last=True,
+        worker_init_fn=die_with_parent_init() if workers > 0 else None,
     )  # fmt: skip
     return loader, dataset
 

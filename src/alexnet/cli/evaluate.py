@@ -54,7 +54,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device,
         classes_from=args.checkpoints[0],
     )
-    evaluated, skipped = evaluate(models, pres, loader, device, ten=not args.centre_only)
+    from alexnet.data.loader import closing_loaders
+
+    # However evaluation ends (an error included), the decoding workers are stopped here,
+    # not left to an exit that would wait on them.
+    with closing_loaders(loader):
+        evaluated, skipped = evaluate(models, pres, loader, device, ten=not args.centre_only)
     if skipped:
         logging.getLogger("alexnet").warning("skipped %d unreadable images, e.g. %s", len(skipped), skipped[0])
     results = {name: r.as_dict() for name, r in evaluated.items()}

@@ -6,13 +6,20 @@ reason, the batch shrinks by one, and the trainer reports each such file once.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
+import os
 import signal
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from alexnet.runtime import cpu_cores
+from alexnet.runtime import cpu_cores, die_with_parent
 
 
 @dataclass
@@ -111,15 +118,87 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
     Ctrl-C reaches the whole process group and ``scancel`` every process of a job step; a
     worker that died of it would make the main process fail on its next batch instead of
-    finishing the step and saving a checkpoint. Workers still exit with their parent.
+    finishing the step and saving a checkpoint. Workers still exit with their parent
+    (:func:`_start_worker`), and the main process stops them itself at its end
+    (:meth:`WorkerLoader.close`): the SIGTERM multiprocessing sends its children at exit
+    is ignored too.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int) -> DataLoader:
+def _start_worker(parent_pid: int, worker_id: int) -> None:
+    """A decoding worker's initializer: die with the main process, leave it the stop signals."""
+    die_with_parent(parent_pid)
+    _ignore_stop_signals(worker_id)
+
+
+def _only_die_with_parent(parent_pid: int, worker_id: int) -> None:
+    die_with_parent(parent_pid)
+
+
+def die_with_parent_init() -> Any:
+    """A ``worker_init_fn`` for the DataLoaders built elsewhere (statistics, bench): each worker dies with this process."""
+    return functools.partial(_only_die_with_parent, os.getpid())
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose decoding workers can be stopped now: :meth:`close`, or a ``with`` block.
+
+    Why it is needed: after an exception escapes a loop over the loader, the traceback
+    keeps the loop's frame, and with it the loader's iterator, alive until the
+    interpreter ends; persistent workers are also held by the loader itself. At exit,
+    multiprocessing sends its daemonic children SIGTERM and joins them, but these
+    workers ignore SIGTERM (:func:`_ignore_stop_signals`) and wait on their index queue:
+    the process hung for ever. ``close`` shuts the workers down through the iterator
+    (torch has no public call for it), and every loader closes itself at exit, before
+    multiprocessing's own exit handler (atexit runs the later registration first).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._live_iterators: weakref.WeakSet = weakref.WeakSet()
+        if self.num_workers > 0:
+            ref = weakref.ref(self)
+            atexit.register(lambda: (loader := ref()) is not None and loader.close())
+
+    def __iter__(self) -> Any:
+        iterator = super().__iter__()
+        if self.num_workers > 0:
+            self._live_iterators.add(iterator)
+        return iterator
+
+    def close(self) -> None:
+        """Stop every worker this loader started (idempotent); a later iter() starts new ones."""
+        for iterator in list(self._live_iterators):
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self._live_iterators = weakref.WeakSet()
+        self._iterator = None  # a persistent iterator, now without workers
+
+    def __enter__(self) -> WorkerLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def closing_loaders(*loaders: Any) -> Iterator[None]:
+    """Close (stop the workers of) each loader that can be closed when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        for loader in loaders:
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()
+
+
+def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int) -> WorkerLoader:
     workers = resolve_workers(workers)
-    return DataLoader(
+    return WorkerLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
@@ -127,7 +206,7 @@ def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int) -> D
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        worker_init_fn=functools.partial(_start_worker, os.getpid()) if workers > 0 else None,
         # Without its own generator, every iter() of a DataLoader draws a worker seed from
         # the global RNG, which also drives dropout: a resumed epoch would then see other
         # dropout masks than the uninterrupted one.

@@ -40,7 +40,7 @@ from alexnet.data.loader import resolve_workers
 from alexnet.data.stats import DataStats, StatsAccumulator
 from alexnet.errors import AlexNetError
 from alexnet.files import exclusive_lock, write_json
-from alexnet.runtime import package_version
+from alexnet.runtime import die_with_parent, package_version
 
 log = logging.getLogger("alexnet")
 
@@ -160,7 +160,9 @@ def _map(fn: Any, tasks: list[Any], workers: int) -> Iterator[Any]:
     if workers == 0:
         yield from map(fn, tasks)
         return
-    pool = ProcessPoolExecutor(workers)
+    # Forked from the main thread; each worker dies with this process (it would otherwise
+    # outlive a kill -9, holding the store's lock it inherited).
+    pool = ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         futures: list[Future] = [pool.submit(fn, t) for t in tasks]
         for future in as_completed(futures):

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from alexnet.data.images import ImageFolderDataset, ImageList
-from alexnet.data.loader import collate, resolve_workers
+from alexnet.data.loader import collate, die_with_parent_init, resolve_workers
 from alexnet.errors import AlexNetError
 from alexnet.files import atomic_write, cache_dir
 
@@ -115,7 +115,13 @@ def compute_stats(
         subset = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:max_images].tolist()
     dataset = torch.utils.data.Subset(ImageFolderDataset(images, image_size), subset)
     workers = resolve_workers(workers)
-    loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(
+        dataset,
+        batch_size=64,
+        num_workers=workers,
+        collate_fn=collate,
+        worker_init_fn=die_with_parent_init() if workers > 0 else None,
+    )
     acc = StatsAccumulator(image_size)
     skipped: list[str] = []
     from tqdm import tqdm

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -45,7 +46,7 @@ import torch
 from alexnet.data.loader import Batch, EpochBatchSampler, resolve_workers
 from alexnet.data.stats import DataStats
 from alexnet.errors import AlexNetError
-from alexnet.runtime import cpu_cores
+from alexnet.runtime import cpu_cores, die_with_parent
 
 FORMAT = "alexnet-store"
 VERSION = 1
@@ -257,7 +258,7 @@ def verify_store(path: str | Path, workers: int = -1, progress: bool = False) ->
             names.append((name, k, crc))
     workers = resolve_workers(workers)
     bar = tqdm(total=len(tasks), desc="verify", unit="chunk", disable=not progress)
-    with ProcessPoolExecutor(max(1, workers)) as pool:
+    with ProcessPoolExecutor(max(1, workers), initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         for (_name, k, crc), (file, start, stop), got in zip(names, tasks, pool.map(_crc_chunk, tasks, chunksize=4)):
             if got != crc:
                 problems.append(f"{file}: images {start}-{stop - 1} (chunk {k}) do not match their checksum")

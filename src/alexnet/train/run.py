@@ -44,7 +44,7 @@ from alexnet import config as config_lib
 from alexnet.checkpoint import load_checkpoint, load_for_resume, model_from_checkpoint
 from alexnet.config import Config
 from alexnet.data.augment import Preprocess, make_preprocess
-from alexnet.data.loader import EpochBatchSampler
+from alexnet.data.loader import EpochBatchSampler, closing_loaders
 from alexnet.data.source import open_training_data
 from alexnet.data.stats import DataStats
 from alexnet.errors import AlexNetError
@@ -187,7 +187,9 @@ def _run(given: Config, state: dict[str, Any] | None, run_dir: Path, d: Dist, st
     try:
         # From here on SIGTERM/SIGINT stop with a checkpoint; before, there is nothing to
         # save and they end the process at once. The "training" line marks the switch.
-        with stop:
+        # The decoding workers stop when the run ends, however it ends: an error's traceback
+        # would otherwise keep the loaders alive to an exit that waits on their workers.
+        with closing_loaders(feeds.train_loader, feeds.val_loader), stop:
             _log_start(parts, data.counts["train"], start_epoch)
             loop.run(start_epoch, totals, feeds)
     finally:
