@@ -180,3 +180,14 @@ def test_source_errors(tmp_path: Path, make_jpeg) -> None:
         f.write_bytes(b"broken")
     with pytest.raises(AlexNetError, match="none of the 1 training images"):
         prepare(tmp_path / "bad", tmp_path / "store2", workers=0, progress=False)
+
+
+def test_image_size_beyond_the_bound_is_refused_before_anything_is_written(tree: Path, tmp_path: Path) -> None:
+    from alexnet.cli import main
+
+    dest = tmp_path / "store"
+    with pytest.raises(AlexNetError, match="at most 4096"):
+        prepare(tree, dest, image_size=100000, workers=0, progress=False)
+    assert not dest.exists()
+    assert main(["prepare", str(tree), str(dest), "--image-size", "100000", "--no-progress"]) == 2
+    assert not dest.exists()

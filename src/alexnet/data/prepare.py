@@ -44,6 +44,13 @@ from alexnet.runtime import die_with_parent, package_version
 
 log = logging.getLogger("alexnet")
 
+# The largest stored side. A store image is S x S x 3 bytes, held whole in memory while it
+# is decoded and resized, and a worker's chunk is chunk_size of them: at 4096 one image is
+# 48 MiB and a default chunk of 64 is 3 GiB per worker, already beyond a small machine,
+# and 16 times the paper's 256 (no ILSVRC image is even half as large, so more would only
+# upsample). 100000 would have asked for 1.4 TB of (sparse) images files before failing.
+MAX_IMAGE_SIZE = 4096
+
 Member = ilsvrc.Member  # (name or path, offset in the archive or -1 for a file, size or -1)
 
 
@@ -183,6 +190,10 @@ def prepare(
     """Write (or finish writing) the store of ``src`` at ``dest``; see the module docstring."""
     if image_size < 1 or chunk_size < 1:
         raise AlexNetError(f"image size and chunk size must be positive; got {image_size} and {chunk_size}")
+    if image_size > MAX_IMAGE_SIZE:
+        raise AlexNetError(
+            f"image size must be at most {MAX_IMAGE_SIZE} (the store holds S x S x 3 bytes per image); got {image_size}"
+        )
     dest = Path(dest)
     workers = resolve_workers(workers)
     source = find_source(src)
