@@ -253,6 +253,52 @@ def test_ctrl_c_to_the_process_group_with_decoding_workers(dataset: Path, refere
     assert_same_run(out, reference)
 
 
+def children(pid: int) -> list[int]:
+    """The processes pid started (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """pid runs (a zombie, dead but not yet reaped by whoever adopted it, holds no files)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
+def test_sigkill_with_decoding_workers_then_resume_at_once(dataset: Path, reference: Path, tmp_path: Path) -> None:
+    # Workers forked by the killed trainer inherit the run directory's lock; they must die
+    # with it, or the resume right after kill -9 (or torchrun's restart) finds the run in
+    # use (torch's workers notice a dead parent only at their next 5 s poll). The log goes
+    # to a file: reading a pipe to its end would wait for the orphans too.
+    out, log_path = tmp_path / "run", tmp_path / "killed.log"
+    with open(log_path, "w") as log_file:
+        args = ["train", "--data", dataset, "--out", out, *RECIPE, "--workers", "2", "--set", "run.checkpoint_every=3"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "alexnet", *map(str, args)], stdout=log_file, stderr=log_file, env=ENV
+        )
+        deadline = time.monotonic() + 180
+        while not any(map(checkpoint_at_least(3), log_path.read_text().splitlines())):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.02)
+        workers = children(proc.pid)
+        assert len(workers) >= 2, workers
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL
+    # SIGKILL reaches the workers as their parent exits; they take a moment to end.
+    deadline = time.monotonic() + 1
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not any(map(alive, workers)), f"decoding workers {workers} outlived the killed trainer"
+    assert resume(out) == 0, log_path.read_text()
+    assert_same_run(out, reference)
+
+
 # --------------------------------------------------------------------------------------
 # 3. A checkpoint that cannot be written: the previous one stays, the run says so and stops
 
