@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import alexnet
 from alexnet.data import store
 from alexnet.data.prepare import prepare
+from alexnet.runtime import die_with_parent
 from conftest import write_jpeg, write_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
@@ -122,3 +124,72 @@ def test_error_inside_evaluate_with_workers_ends_the_process(tmp_path: Path, err
     assert "the second batch failed" in done.stdout
     if error == "AlexNetError":
         assert done.stdout.strip().splitlines()[-1] == "alexnet: error: the second batch failed"
+
+
+def _grandchild_pid(die: bool) -> tuple[int, int]:
+    """Fork a parent that forks a worker (which calls die_with_parent if ``die``); (parent, worker)."""
+    read, write = os.pipe()
+    parent = os.fork()
+    if parent == 0:  # the parent: starts the worker, reports its pid, waits to be killed
+        worker = os.fork()
+        if worker == 0:
+            if die:
+                die_with_parent(os.getppid())
+            time.sleep(30)
+            os._exit(0)
+        os.write(write, str(worker).encode())
+        time.sleep(30)
+        os._exit(0)
+    os.close(write)
+    worker = int(os.read(read, 32))
+    os.close(read)
+    return parent, worker
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("die", [True, False])
+def test_die_with_parent_ends_the_worker_when_its_parent_is_killed(die: bool) -> None:
+    parent, worker = _grandchild_pid(die)
+    time.sleep(0.2)  # the worker has run die_with_parent
+    os.kill(parent, signal.SIGKILL)
+    os.waitpid(parent, 0)
+    deadline = time.monotonic() + 2
+    while not _gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    try:
+        assert _gone(worker) == die  # without it the orphan lives on (the control case)
+    finally:
+        if not _gone(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_die_with_parent_exits_at_once_when_the_parent_is_already_gone() -> None:
+    pid = os.fork()
+    if pid == 0:
+        die_with_parent(os.getppid() + 1_000_000)  # not our parent: as if it had died before prctl
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1
+
+
+def test_closing_a_loader_stops_its_persistent_workers() -> None:
+    from alexnet.data.loader import EpochBatchSampler, closing_loaders, make_loader
+
+    dataset = [(torch.zeros(3, 2, 2, dtype=torch.uint8), i % 2, "") for i in range(8)]
+    loader = make_loader(dataset, EpochBatchSampler(len(dataset), 2, shuffle=False), workers=2)
+    with pytest.raises(ValueError), closing_loaders(loader):
+        for _batch in loader:
+            workers = [w.pid for w in loader._iterator._workers]
+            raise ValueError("mid-loop")
+    deadline = time.monotonic() + 5
+    while not all(map(_gone, workers)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(map(_gone, workers))
+    assert [len(b.labels) for b in loader] == [2, 2, 2, 2]  # still usable: new workers
+    loader.close()

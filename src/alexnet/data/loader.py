@@ -163,6 +163,10 @@ class WorkerLoader(DataLoader):
             atexit.register(lambda: (loader := ref()) is not None and loader.close())
 
     def __iter__(self) -> Any:
+        if self.num_workers > 0:
+            # The workers' expected parent is the process that forks them, the one iterating
+            # now (a loader built before a fork is iterated by another process).
+            self.worker_init_fn = functools.partial(_start_worker, os.getpid())
         iterator = super().__iter__()
         if self.num_workers > 0:
             self._live_iterators.add(iterator)
@@ -206,7 +210,7 @@ def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int) -> W
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=functools.partial(_start_worker, os.getpid()) if workers > 0 else None,
+        # worker_init_fn: set by WorkerLoader.__iter__ (die with the main process, leave it the stop signals)
         # Without its own generator, every iter() of a DataLoader draws a worker seed from
         # the global RNG, which also drives dropout: a resumed epoch would then see other
         # dropout masks than the uninterrupted one.
