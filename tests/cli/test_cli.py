@@ -223,3 +223,31 @@ def test_load_model_checks_variant_and_classes(trained):
         load_model(trained / "last.pt", name="torchvision")
     with pytest.raises(AlexNetError, match="expected 'paper' with 1000 classes"):
         load_model(trained / "last.pt", num_classes=1000)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["config", "--set", "optim.lr=-1"], "optim.lr must be positive; got -1.0"),
+        (["train", "--batch-size", "0"], "optim.batch_size must be 1 or more; got 0"),
+        (["config", "--set", "model.width=1e9"], "model.width must be in (0, 16]; got 1000000000.0"),
+        (["train", "--workers", "-3"], "data.workers must be -1 (one per core) or more; got -3"),
+        (["serve", "x.pt", "--port", "99999"], "--port must be in 1..65535; got 99999"),
+        (["serve", "x.pt", "--port", "0"], "--port must be in 1..65535; got 0"),
+    ],
+)
+def test_values_out_of_range_are_one_line(args, message, capsys):
+    assert run(*args) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_yaml_alias_bomb_preset_is_refused_fast(tmp_path, capsys):
+    import time
+
+    levels = "".join(f"{b}: &{b} [{','.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+    path = tmp_path / "bomb.yaml"
+    path.write_text('a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + levels + "optim:\n  lr: *i\n")
+    start = time.monotonic()
+    assert run("config", "--preset", path) == 2
+    assert "YAML aliases (*name) are not allowed" in _one_line_error(capsys)
+    assert time.monotonic() - start < 5
