@@ -109,3 +109,18 @@ def test_short_repr_is_bounded() -> None:
     assert len(short_repr("x" * 10**6)) < 200
     assert len(short_repr({str(i): i for i in range(10**5)})) < 200
     assert short_repr(0.5) == "0.5" and short_repr("paper") == "'paper'"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        _shared_graph(),
+        {"model": {("x",) * 10**5: 1}},
+        {"k" * 10**6: 1},
+        {"model": {"k" * 10**6: 1}},
+    ],
+)
+def test_odd_checkpoint_configs_give_a_short_message(values) -> None:
+    with pytest.raises(AlexNetError, match="checkpoint x.pt") as e:
+        from_dict(values, "checkpoint x.pt")
+    assert len(str(e.value)) < 400

@@ -237,15 +237,20 @@ def _coerce(section: str, key: str, value: Any, current: Any, annotation: str) -
 
 def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
     """Apply ``{"section": {"key": value}}`` or ``{"section.key": value}`` onto cfg."""
+    if not isinstance(values, dict):
+        raise AlexNetError(f"config in {origin} must be a mapping of sections; got {short_repr(values)}")
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if value is None and key in SECTIONS:
             continue  # an empty section in a YAML file ("data:" with every key commented out)
-        if isinstance(value, dict):
-            for sub, v in value.items():
-                flat[f"{key}.{sub}"] = v
-        else:
-            flat[key] = value
+        subs = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in subs:
+            # A key is a short name: anything else (a checkpoint can hold any key) is shown
+            # truncated, never expanded into the message in full.
+            if not isinstance(key, str) or not isinstance(sub, (str, type(None))) or len(f"{key}.{sub}") > 100:
+                shown = short_repr(key) if sub is None else f"{short_repr(key)}.{short_repr(sub)}"
+                raise AlexNetError(f"unknown config key {shown} in {origin}")
+            flat[key if sub is None else f"{key}.{sub}"] = v
     sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
     for dotted, value in flat.items():
         section, _, key = dotted.partition(".")

@@ -304,3 +304,23 @@ def test_prepare_skips_a_name_that_is_not_utf8(dataset, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="alexnet"):
         assert run("prepare", copy, tmp_path / "store", "--image-size", "8", "--workers", "0", "--no-progress") == 0
     assert any("1 names not UTF-8" in m for m in caplog.messages)
+
+
+def test_checkpoint_config_of_shared_references_is_one_line_fast(trained, dataset, tmp_path, capsys):
+    import shutil
+    import time
+
+    run_dir = Path(shutil.copytree(trained, tmp_path / "run"))
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    node: list = ["lol"]
+    for _ in range(40):
+        node = [node, node]  # pickled as 41 shared lists; repr would be 2**40 strings
+    state["config"]["optim"]["lr"] = node
+    torch.save(state, run_dir / "last.pt")
+    image = sorted((dataset / "val" / "circle").iterdir())[0]
+    start = time.monotonic()
+    assert run("predict", run_dir / "last.pt", image) == 2
+    assert "config optim.lr expects float; got [[[[...], [...]]" in _one_line_error(capsys)
+    assert run("train", "--resume", run_dir, "--no-progress") == 2
+    assert "config optim.lr expects float" in _one_line_error(capsys)
+    assert time.monotonic() - start < 10
