@@ -42,9 +42,11 @@ def _shared_graph(levels: int = 40) -> list:
         ("model.width=1e9", r"model.width must be in \(0, 16\]; got 1000000000.0"),
         ("model.width=0", r"model.width must be in \(0, 16\]; got 0.0"),
         ("model.fc_width=0", "model.fc_width must be 1 or more; got 0"),
-        ("model.fc_width=1000000", "over the 2,147,483,648 limit"),
+        ("model.fc_width=1000000", "would have 1,010,220,335,080 parameters, over the 2,147,483,648 limit"),
+        ("model.fc_width=2000000", "model.fc_width must be at most 1048576; got 2000000"),
         ("model.num_classes=0", "model.num_classes must be at least 1; got 0"),
-        ("model.num_classes=10000000", "over the 2,147,483,648 limit"),
+        ("model.num_classes=1000000", "over the 2,147,483,648 limit"),
+        ("model.num_classes=10000000", "model.num_classes must be at most 1048576; got 10000000"),
         ("model.input_size=100000", r"model.input_size must be in 1..4096; got 100000"),
         ("model.dropout=1", r"model.dropout must be in \[0, 1\); got 1.0"),
         ("model.conv1_stride=0", "model.conv1_stride must be 1 or more; got 0"),
@@ -63,6 +65,8 @@ def test_edges_that_are_valid_still_resolve() -> None:
     cfg = resolve(None, parse_assignments(["optim.momentum=0", "optim.epochs=0", "data.workers=-1", "model.width=16"]))
     assert (cfg.optim.momentum, cfg.optim.epochs, cfg.data.workers, cfg.model.width) == (0.0, 0, -1, 16.0)
     assert ModelConfig(name="torchvision", num_classes=1000).num_classes == 1000
+    # The largest width builds within the parameter limit (counted on the meta device).
+    assert resolve(None, parse_assignments(["model.width=16"])).model.width == 16.0
 
 
 def test_yaml_alias_bomb_is_refused_fast(tmp_path: Path) -> None:

@@ -344,11 +344,37 @@ def parse_assignments(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+# 2**31 parameters: 8.6 GB of float32 weights, about 26 GB with their gradients and SGD
+# momentum before any activation, the most that trains on one 80 GB accelerator; 35 times
+# the paper's 61M. A larger network is a typo (model.width=1e9, num_classes=10**6).
+MAX_PARAMETERS = 2**31
+
+
+def check_model_size(cfg: Config) -> None:
+    """Refuse a network over MAX_PARAMETERS, counted on the meta device (nothing is allocated)."""
+    import torch
+
+    from alexnet.models.alexnet import build_model, count_parameters
+
+    with torch.device("meta"):
+        parameters = count_parameters(build_model(cfg.model))
+    if parameters > MAX_PARAMETERS:
+        m = cfg.model
+        raise AlexNetError(
+            f"the model would have {parameters:,} parameters, over the {MAX_PARAMETERS:,} limit "
+            f"(model.width {m.width}, fc_width {m.fc_width}, num_classes {m.num_classes}, input_size {m.input_size}); "
+            "the paper's has 60,965,224"
+        )
+
+
 def resolve(preset: str | None, overrides: dict[str, Any], origin: str = "command line") -> Config:
+    """A config for a new run; a checkpoint's is read with from_dict and checked against its weights."""
     cfg = Config()
     if preset:
         cfg = apply_overrides(cfg, load_preset(preset), f"preset {preset}")
-    return apply_overrides(cfg, overrides, origin)
+    cfg = apply_overrides(cfg, overrides, origin)
+    check_model_size(cfg)
+    return cfg
 
 
 def from_dict(values: dict[str, Any], origin: str) -> Config:

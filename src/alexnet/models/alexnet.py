@@ -90,33 +90,15 @@ class ModelConfig:
         for key, low in (("fc_width", 1), ("conv1_kernel", 1), ("conv1_stride", 1), ("conv1_padding", 0)):
             if getattr(self, key) < low:
                 raise AlexNetError(f"model.{key} must be {low} or more; got {getattr(self, key)}")
+        # Per-size bounds keep the layer shapes sane; the whole network's size is bounded
+        # where a config is resolved for training (config.check_model_size), while a
+        # checkpoint's config is checked against the weights in its file instead.
+        if self.fc_width > 2**20:
+            raise AlexNetError(f"model.fc_width must be at most {2**20}; got {self.fc_width}")
+        if self.num_classes > 2**20:
+            raise AlexNetError(f"model.num_classes must be at most {2**20}; got {self.num_classes}")
         if not 1 <= self.input_size <= 4096:
             raise AlexNetError(f"model.input_size must be in 1..4096; got {self.input_size}")
-        # The parameters the network will have (the weights; biases are a rounding error),
-        # bounded at 2**31: 8.6 GB of float32 weights, about 35 GB with their gradients and
-        # SGD momentum, the most that trains on one 80 GB accelerator; 35 times the paper's 61M.
-        if self.name == "torchvision":
-            fan_in, convs = 256 * 6 * 6, 2_469_696  # fixed by its adaptive pooling
-        else:
-            c1, c2, c3, c4, c5 = (max(2, 2 * round(c * self.width / 2)) for c in (96, 256, 384, 384, 256))
-            pool_k = 3 if self.pooling == "overlap" else 2
-            side = (self.input_size + 2 * self.conv1_padding - self.conv1_kernel) // self.conv1_stride + 1
-            for _ in range(3):
-                side = (side - pool_k) // 2 + 1
-            chain, c_in = [], c2
-            for layer, c_out, k in ((3, c3, 3), (4, c4, 3), (5, c5, 3)):
-                if self.remove_conv != layer:
-                    chain.append(c_in * c_out * k * k // (self.towers if layer != 3 else 1))
-                    c_in = c_out
-            convs = 3 * c1 * self.conv1_kernel**2 + c1 * c2 * 25 // self.towers + sum(chain)
-            fan_in = c_in * max(side, 1) ** 2
-        parameters = convs + (fan_in + self.fc_width + self.num_classes) * self.fc_width
-        if parameters > 2**31:
-            raise AlexNetError(
-                f"model of about {parameters:,} parameters is over the 2,147,483,648 limit "
-                f"(width {self.width}, fc_width {self.fc_width}, num_classes {self.num_classes}, "
-                f"input_size {self.input_size}); the paper's has 60,965,224"
-            )
         if self.name == "torchvision":
             # torchvision's network has fixed sizes: refuse paper-only options rather than
             # silently ignoring them.
