@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,6 +21,29 @@ import yaml
 
 from alexnet.errors import AlexNetError
 from alexnet.models.alexnet import ModelConfig
+
+# 16 times the paper's 256: one decoded image is then 50 MB (3 x 4096 x 4096 bytes) and a
+# batch of 128 over 6 GB. Beyond that a size is a typo, refused before anything is allocated.
+MAX_IMAGE_SIDE = 4096
+
+
+def short_repr(value: Any) -> str:
+    """repr(value) cut to a few hundred characters, without ever building the full repr.
+
+    A YAML file or checkpoint can hold a small graph of shared references that repr
+    expands to gigabytes ("billion laughs"); reprlib stops at a depth and a count.
+    """
+    try:
+        return _REPR.repr(value)
+    except Exception:  # an int past Python's digit limit, a broken __repr__
+        return f"<{type(value).__name__}>"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 4
+_REPR.maxstring = _REPR.maxother = 120
+_REPR.maxlong = 40
 
 
 @dataclass
@@ -31,6 +56,18 @@ class DataConfig:
     flip: bool = True  # random horizontal reflections
     workers: int = -1  # decoding processes; -1: one per core
     stats_max_images: int = 0  # images used for the mean image and PCA; 0: the whole training set
+
+    def __post_init__(self) -> None:
+        for key in ("image_size", "crop_size"):
+            value = getattr(self, key)
+            if not 1 <= value <= MAX_IMAGE_SIDE:
+                raise AlexNetError(f"data.{key} must be in 1..{MAX_IMAGE_SIDE}; got {value}")
+        if self.workers < -1:
+            raise AlexNetError(f"data.workers must be -1 (one per core) or more; got {self.workers}")
+        if self.stats_max_images < 0:
+            raise AlexNetError(f"data.stats_max_images must be 0 or more; got {self.stats_max_images}")
+        if not (math.isfinite(self.lighting_std) and self.lighting_std >= 0):
+            raise AlexNetError(f"data.lighting_std must be 0 or more; got {self.lighting_std}")
 
 
 @dataclass
@@ -58,6 +95,22 @@ class OptimConfig:
     lr_scaling: str = "none"
 
     def __post_init__(self) -> None:
+        # "not x > 0" rather than "x <= 0": NaN fails every comparison and must be refused too.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise AlexNetError(f"optim.lr must be positive; got {self.lr}")
+        if self.batch_size < 1:
+            raise AlexNetError(f"optim.batch_size must be 1 or more; got {self.batch_size}")
+        if self.epochs < 0:
+            raise AlexNetError(f"optim.epochs must be 0 or more; got {self.epochs}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise AlexNetError(f"optim.momentum must be in [0, 1]; got {self.momentum}")
+        for key in ("weight_decay", "plateau_threshold"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise AlexNetError(f"optim.{key} must be 0 or more; got {value}")
+        for key in ("lr_drops", "plateau_patience"):
+            if getattr(self, key) < 0:
+                raise AlexNetError(f"optim.{key} must be 0 or more; got {getattr(self, key)}")
         if self.accumulate < 1:
             raise AlexNetError(f"optim.accumulate must be 1 or more; got {self.accumulate}")
         if self.lr_scaling not in ("none", "linear"):
@@ -157,7 +210,7 @@ def _coerce(section: str, key: str, value: Any, current: Any, annotation: str) -
         return None if "None" in annotation and value in _NULLS else value
     if isinstance(value, str) and not isinstance(current, str):
         try:
-            value = yaml.safe_load(value)  # "0.02" -> 0.02, "true" -> True, "null" -> None
+            value = yaml.load(value, Loader=_ConfigLoader)  # "0.02" -> 0.02, "true" -> True, "null" -> None
         except yaml.YAMLError:
             pass  # not YAML ("[0.1"): the type error below says what was expected
     if value is None and "None" in annotation:
@@ -179,20 +232,25 @@ def _coerce(section: str, key: str, value: Any, current: Any, annotation: str) -
     elif "str" in annotation:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise AlexNetError(f"config {section}.{key} expects {annotation}; got {value!r}")
+    raise AlexNetError(f"config {section}.{key} expects {annotation}; got {short_repr(value)}")
 
 
 def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
     """Apply ``{"section": {"key": value}}`` or ``{"section.key": value}`` onto cfg."""
+    if not isinstance(values, dict):
+        raise AlexNetError(f"config in {origin} must be a mapping of sections; got {short_repr(values)}")
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if value is None and key in SECTIONS:
             continue  # an empty section in a YAML file ("data:" with every key commented out)
-        if isinstance(value, dict):
-            for sub, v in value.items():
-                flat[f"{key}.{sub}"] = v
-        else:
-            flat[key] = value
+        subs = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in subs:
+            # A key is a short name: anything else (a checkpoint can hold any key) is shown
+            # truncated, never expanded into the message in full.
+            if not isinstance(key, str) or not isinstance(sub, (str, type(None))) or len(f"{key}.{sub}") > 100:
+                shown = short_repr(key) if sub is None else f"{short_repr(key)}.{short_repr(sub)}"
+                raise AlexNetError(f"unknown config key {shown} in {origin}")
+            flat[key if sub is None else f"{key}.{sub}"] = v
     sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
     for dotted, value in flat.items():
         section, _, key = dotted.partition(".")
@@ -207,6 +265,36 @@ def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
     return Config(**{name: SECTIONS[name](**d) for name, d in sections.items()})
 
 
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, mark: Any) -> None:
+        super().__init__("aliases are not allowed")
+        self.mark = mark
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load without aliases (``*name``).
+
+    A config is five sections of scalars, so an alias saves nothing, while nested
+    aliases make a few hundred bytes stand for billions of values ("billion laughs")
+    that any later repr, copy or comparison expands. Anchors alone are harmless.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasRefused(self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _parse(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except _AliasRefused as e:
+        raise AlexNetError(
+            f"{where} is refused at line {e.mark.line + 1}: YAML aliases (*name) are not allowed in config files; "
+            "write the value out"
+        ) from None
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -215,7 +303,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise AlexNetError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x})") from None
     try:
-        values = yaml.safe_load(text) or {}
+        values = _parse(text, f"config file {path}") or {}
     except yaml.constructor.ConstructorError as e:
         # safe_load builds no objects: a tag such as !!python/object/apply is refused here.
         where = f" at line {e.problem_mark.line + 1}" if e.problem_mark else ""
@@ -243,7 +331,7 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
             f"unknown preset '{name_or_path}'{_suggest(name_or_path, names)}; presets: {', '.join(names)}"
         )
     text = resources.files("alexnet").joinpath("configs", f"{name_or_path}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+    return _parse(text, f"preset {name_or_path}") or {}
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, str]:
@@ -256,11 +344,37 @@ def parse_assignments(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+# 2**31 parameters: 8.6 GB of float32 weights, about 26 GB with their gradients and SGD
+# momentum before any activation, the most that trains on one 80 GB accelerator; 35 times
+# the paper's 61M. A larger network is a typo (model.width=1e9, num_classes=10**6).
+MAX_PARAMETERS = 2**31
+
+
+def check_model_size(cfg: Config) -> None:
+    """Refuse a network over MAX_PARAMETERS, counted on the meta device (nothing is allocated)."""
+    import torch
+
+    from alexnet.models.alexnet import build_model, count_parameters
+
+    with torch.device("meta"):
+        parameters = count_parameters(build_model(cfg.model))
+    if parameters > MAX_PARAMETERS:
+        m = cfg.model
+        raise AlexNetError(
+            f"the model would have {parameters:,} parameters, over the {MAX_PARAMETERS:,} limit "
+            f"(model.width {m.width}, fc_width {m.fc_width}, num_classes {m.num_classes}, input_size {m.input_size}); "
+            "the paper's has 60,965,224"
+        )
+
+
 def resolve(preset: str | None, overrides: dict[str, Any], origin: str = "command line") -> Config:
+    """A config for a new run; a checkpoint's is read with from_dict and checked against its weights."""
     cfg = Config()
     if preset:
         cfg = apply_overrides(cfg, load_preset(preset), f"preset {preset}")
-    return apply_overrides(cfg, overrides, origin)
+    cfg = apply_overrides(cfg, overrides, origin)
+    check_model_size(cfg)
+    return cfg
 
 
 def from_dict(values: dict[str, Any], origin: str) -> Config:

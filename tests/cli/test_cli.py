@@ -223,3 +223,104 @@ def test_load_model_checks_variant_and_classes(trained):
         load_model(trained / "last.pt", name="torchvision")
     with pytest.raises(AlexNetError, match="expected 'paper' with 1000 classes"):
         load_model(trained / "last.pt", num_classes=1000)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["config", "--set", "optim.lr=-1"], "optim.lr must be positive; got -1.0"),
+        (["train", "--batch-size", "0"], "optim.batch_size must be 1 or more; got 0"),
+        (["config", "--set", "model.width=1e9"], "model.width must be in (0, 16]; got 1000000000.0"),
+        (["train", "--workers", "-3"], "data.workers must be -1 (one per core) or more; got -3"),
+        (["serve", "x.pt", "--port", "99999"], "--port must be in 1..65535; got 99999"),
+        (["serve", "x.pt", "--port", "0"], "--port must be in 1..65535; got 0"),
+    ],
+)
+def test_values_out_of_range_are_one_line(args, message, capsys):
+    assert run(*args) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_yaml_alias_bomb_preset_is_refused_fast(tmp_path, capsys):
+    import time
+
+    levels = "".join(f"{b}: &{b} [{','.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+    path = tmp_path / "bomb.yaml"
+    path.write_text('a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + levels + "optim:\n  lr: *i\n")
+    start = time.monotonic()
+    assert run("config", "--preset", path) == 2
+    assert "YAML aliases (*name) are not allowed" in _one_line_error(capsys)
+    assert time.monotonic() - start < 5
+
+
+def _copy(dataset: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(dataset, tmp_path / "d"))
+
+
+def test_junk_nested_folders_loops_and_odd_names_are_skipped_and_reported(dataset, tmp_path, caplog):
+    copy = _copy(dataset, tmp_path)
+    sample = sorted((copy / "train" / "ring").iterdir())[0]
+    (copy / "train" / "ring" / "Thumbs.db").write_bytes(b"\0" * 10)
+    (copy / "train" / "ring" / "sub").mkdir()
+    (copy / "train" / "ring" / "sub" / "nested.jpg").write_bytes(sample.read_bytes())
+    (copy / "train" / "ring" / "loop.jpg").symlink_to("loop.jpg")
+    with open(os.fsencode(copy / "val" / "ring") + b"/caf\xe9.jpg", "wb") as f:  # a Latin-1 name
+        f.write(sample.read_bytes())
+    with caplog.at_level("WARNING", logger="alexnet"):
+        assert train_tiny(copy, tmp_path / "r", "--epochs", "1") == 0
+    [train_line] = [m for m in caplog.messages if m.startswith(f"{copy / 'train'}: ")]
+    assert "3 files ignored" in train_line and "ring/Thumbs.db" in train_line and "1 sub-folders" in train_line
+    assert "1 a symlink loop" in train_line
+    [val_line] = [m for m in caplog.messages if m.startswith(f"{copy / 'val'}: ")]
+    assert "1 files ignored (1 names not UTF-8)" in val_line and "ring/caf\\xe9.jpg" in val_line
+
+
+def test_unreadable_class_folder_is_one_line(dataset, tmp_path, capsys, monkeypatch):
+    from alexnet.data import images
+
+    copy = _copy(dataset, tmp_path)
+    real = os.scandir
+
+    def scandir(path):
+        if Path(path) == copy / "train" / "star":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(images.os, "scandir", scandir)
+    assert train_tiny(copy, tmp_path / "r", "--epochs", "1") == 2
+    assert f"cannot read class folder {copy / 'train' / 'star'}: Permission denied" in _one_line_error(capsys)
+    out = tmp_path / "store"
+    assert run("prepare", copy, out, "--image-size", "8", "--workers", "0", "--no-progress") == 2
+    assert "cannot read class folder" in _one_line_error(capsys)
+
+
+def test_prepare_skips_a_name_that_is_not_utf8(dataset, tmp_path, caplog):
+    copy = _copy(dataset, tmp_path)
+    sample = sorted((copy / "train" / "ring").iterdir())[0]
+    with open(os.fsencode(copy / "train" / "ring") + b"/caf\xe9.jpg", "wb") as f:
+        f.write(sample.read_bytes())
+    with caplog.at_level("WARNING", logger="alexnet"):
+        assert run("prepare", copy, tmp_path / "store", "--image-size", "8", "--workers", "0", "--no-progress") == 0
+    assert any("1 names not UTF-8" in m for m in caplog.messages)
+
+
+def test_checkpoint_config_of_shared_references_is_one_line_fast(trained, dataset, tmp_path, capsys):
+    import shutil
+    import time
+
+    run_dir = Path(shutil.copytree(trained, tmp_path / "run"))
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    node: list = ["lol"]
+    for _ in range(40):
+        node = [node, node]  # pickled as 41 shared lists; repr would be 2**40 strings
+    state["config"]["optim"]["lr"] = node
+    torch.save(state, run_dir / "last.pt")
+    image = sorted((dataset / "val" / "circle").iterdir())[0]
+    start = time.monotonic()
+    assert run("predict", run_dir / "last.pt", image) == 2
+    assert "config optim.lr expects float; got [[[[...], [...]]" in _one_line_error(capsys)
+    assert run("train", "--resume", run_dir, "--no-progress") == 2
+    assert "config optim.lr expects float" in _one_line_error(capsys)
+    assert time.monotonic() - start < 10

@@ -151,6 +151,117 @@ def test_find_splits_missing_root(tmp_path: Path) -> None:
         find_splits(tmp_path / "nope")
 
 
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "alexnet" and r.levelname == "WARNING"]
+
+
+def test_scan_reports_ignored_files_once_with_reasons_and_names(tmp_path: Path, make_jpeg, caplog) -> None:
+    _tree(tmp_path, {"ant": 2, "bee": 1}, make_jpeg)
+    (tmp_path / "ant" / "Thumbs.db").write_bytes(b"junk")
+    (tmp_path / "ant" / "notes.txt").write_text("x")
+    make_jpeg(tmp_path / "bee" / "sub" / "nested.jpg")  # images in sub-folders are not searched
+    (tmp_path / "README.txt").write_text("beside the class folders")
+    (tmp_path / "ant" / ".DS_Store").write_bytes(b"junk")  # hidden: silent
+    with caplog.at_level("WARNING", logger="alexnet"):
+        images = scan_image_folder(tmp_path)
+    assert len(images) == 3
+    [message] = _warnings(caplog)
+    assert message.startswith(f"{tmp_path}: 4 files ignored (")
+    for part in (
+        "1 not in a class folder",
+        "2 not image files",
+        "1 sub-folders (not searched)",
+        "README.txt",
+        "ant/Thumbs.db",
+    ):
+        assert part in message, part
+    assert ".DS_Store" not in message
+
+
+def test_scan_of_a_clean_tree_warns_nothing(tmp_path: Path, make_jpeg, caplog) -> None:
+    _tree(tmp_path, {"ant": 2}, make_jpeg)
+    (tmp_path / "ant" / ".DS_Store").write_bytes(b"junk")
+    with caplog.at_level("WARNING", logger="alexnet"):
+        scan_image_folder(tmp_path)
+    assert _warnings(caplog) == []
+
+
+def test_scan_skips_symlink_loops_and_broken_links_with_a_report(tmp_path: Path, make_jpeg, caplog) -> None:
+    _tree(tmp_path, {"ant": 2}, make_jpeg)
+    (tmp_path / "ant" / "loop.jpg").symlink_to("loop.jpg")  # points at itself: ELOOP
+    (tmp_path / "ant" / "gone.jpg").symlink_to("nowhere.jpg")
+    (tmp_path / "ant" / "up").symlink_to("..")  # a directory cycle is a sub-folder, not followed
+    (tmp_path / "cycle").symlink_to("cycle")  # a looping class-folder candidate
+    with caplog.at_level("WARNING", logger="alexnet"):
+        images = scan_image_folder(tmp_path)
+    assert images.classes == ["ant"] and len(images) == 2
+    [message] = _warnings(caplog)
+    assert "4 files ignored" in message
+    assert "2 a symlink loop" in message and "1 a broken link" in message and "1 sub-folders" in message
+
+
+def test_scan_unreadable_class_folder_is_an_error_naming_it(tmp_path: Path, make_jpeg, monkeypatch) -> None:
+    _tree(tmp_path, {"ant": 1, "bee": 1}, make_jpeg)
+    real = os.scandir
+
+    def scandir(path):
+        if Path(path) == tmp_path / "bee":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(images_mod.os, "scandir", scandir)
+    with pytest.raises(AlexNetError, match=f"cannot read class folder {tmp_path / 'bee'}: Permission denied"):
+        scan_image_folder(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any folder")
+def test_scan_and_find_splits_unreadable_folders_for_real(tmp_path: Path, make_jpeg) -> None:
+    _tree(tmp_path / "d" / "train", {"ant": 1}, make_jpeg)
+    (tmp_path / "d" / "val").mkdir()
+    (tmp_path / "d" / "train" / "ant").chmod(0)
+    try:
+        with pytest.raises(AlexNetError, match="cannot read class folder .*ant"):
+            scan_image_folder(tmp_path / "d" / "train")
+    finally:
+        (tmp_path / "d" / "train" / "ant").chmod(0o755)
+    (tmp_path / "d").chmod(0)
+    try:
+        with pytest.raises(AlexNetError, match="cannot read data folder"):
+            find_splits(tmp_path / "d")
+    finally:
+        (tmp_path / "d").chmod(0o755)
+
+
+def test_find_splits_unreadable_root_is_an_error(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "train").mkdir()
+
+    def is_dir(self):
+        if self.parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return True
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    with pytest.raises(AlexNetError, match=f"cannot read data folder {tmp_path}: Permission denied"):
+        find_splits(tmp_path)
+
+
+def test_scan_names_that_are_not_utf8_are_skipped_and_reported(tmp_path: Path, make_jpeg, caplog) -> None:
+    _tree(tmp_path, {"ant": 1}, make_jpeg)
+    make_jpeg(tmp_path / "ant" / "café.jpg")  # UTF-8, not ASCII: an ordinary name
+    latin1 = os.fsencode(tmp_path / "ant") + b"/caf\xe9.jpg"  # Latin-1 bytes: not UTF-8
+    try:
+        with open(latin1, "wb") as f:
+            f.write((tmp_path / "ant" / "0.jpg").read_bytes())
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    with caplog.at_level("WARNING", logger="alexnet"):
+        images = scan_image_folder(tmp_path)
+    assert images.paths == [str(tmp_path / "ant" / "0.jpg"), str(tmp_path / "ant" / "café.jpg")]
+    [message] = _warnings(caplog)
+    assert "1 names not UTF-8" in message and "ant/caf\\xe9.jpg" in message
+    message.encode("utf-8")  # fit for a UTF-8 log file
+
+
 # --------------------------------------------------------------------------------------
 # load_image: geometry
 

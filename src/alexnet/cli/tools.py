@@ -185,6 +185,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if not 1 <= args.port <= 65535:
+        raise AlexNetError(f"--port must be in 1..65535; got {args.port}")
     try:
         from alexnet.tools.serve import serve
     except ImportError as e:

@@ -12,6 +12,8 @@ the reason, which the loader turns into a skipped file instead of an error.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from alexnet.errors import AlexNetError
+
+log = logging.getLogger("alexnet")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -53,18 +57,85 @@ class ImageList:
         return len(self.paths)
 
 
+def _shown(name: str) -> str:
+    """A file name fit for a message: bytes that are not UTF-8 as \\xNN (a log file is UTF-8)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _entries(folder: Path, what: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise AlexNetError(f"cannot read {what} {_shown(str(folder))}: {e.strerror or e}") from None
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """ "file", "dir", or why the entry is neither (a symlink loop, a broken link, a socket)."""
+    try:
+        if entry.is_file():
+            return "file"
+        if entry.is_dir():
+            return "dir"
+    except OSError as e:
+        return "a symlink loop" if e.errno == errno.ELOOP else f"unreadable ({e.strerror or e})"
+    if not entry.is_symlink():
+        return "not a regular file"  # a socket, a FIFO, a device
+    try:
+        os.stat(entry.path)
+    except OSError as e:
+        return "a symlink loop" if e.errno == errno.ELOOP else "a broken link"
+    return "a broken link"
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode keeps bytes that are not UTF-8 as surrogates
+        return False
+    return True
+
+
 def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> ImageList:
     """List ``root/<class>/<image>`` files; class labels follow sorted folder names (torchvision's order).
 
     ``classes`` fixes the label order (the training split's) for a validation split.
-    Hidden files and files without an image extension (Thumbs.db, .DS_Store) are ignored.
+
+    Hidden files and folders (.DS_Store, .git) are ignored silently. Everything else that
+    is not read is counted and named in one warning per scan: files without an image
+    extension (Thumbs.db, notes.txt), sub-folders of a class folder (images go directly in
+    ``<class>/``; sub-folders are not searched), files beside the class folders, symlink
+    loops, broken links, and names that are not UTF-8 (the run's statistics cache and
+    stores record names as UTF-8: rename them). A folder that cannot be listed (no
+    permission) is an AlexNetError naming it.
     """
     root = Path(root)
-    if not root.exists():
-        raise AlexNetError(f"data folder {root} does not exist")
-    if not root.is_dir():
-        raise AlexNetError(f"data folder {root} is not a folder")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        if not root.exists():
+            looped = root.is_symlink()
+            raise AlexNetError(
+                f"data folder {root} {'is a broken link or a symlink loop' if looped else 'does not exist'}"
+            )
+        if not root.is_dir():
+            raise AlexNetError(f"data folder {root} is not a folder")
+    except OSError as e:
+        raise AlexNetError(f"cannot read data folder {root}: {e.strerror or e}") from None
+    ignored: dict[str, list[str]] = {}  # reason -> names relative to root
+
+    def ignore(reason: str, name: str) -> None:
+        ignored.setdefault(reason, []).append(_shown(name))
+
+    found = []
+    for entry in _entries(root, "data folder"):
+        if entry.name.startswith("."):
+            continue
+        kind = _kind(entry)
+        if kind == "dir" and _utf8(entry.name):
+            found.append(entry.name)
+        elif kind == "dir":
+            ignore("folder names not UTF-8", entry.name + "/")
+        else:
+            ignore("not in a class folder" if kind == "file" else kind, entry.name)
     if not found:
         raise AlexNetError(f"data folder {root} has no class folders (expected {root}/<class>/<image>)")
     if classes is None:
@@ -76,37 +147,61 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> Ima
                 f"{root} has class folder(s) {', '.join(unknown[:5])} that the training set "
                 f"(or checkpoint) does not have; expected a subset of its {len(classes)} classes"
             )
+    present = set(found)
     paths: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
         folder = root / name
-        if not folder.is_dir():
+        if name not in present:
             continue  # a validation split may lack some classes
-        files = sorted(
-            entry.path
-            for entry in os.scandir(folder)
-            if entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        files = []
+        for entry in _entries(folder, "class folder"):
+            if entry.name.startswith("."):
+                continue
+            kind, rel = _kind(entry), f"{name}/{entry.name}"
+            if kind == "dir":
+                ignore("sub-folders (not searched)", rel + "/")
+            elif kind != "file":
+                ignore(kind, rel)
+            elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                ignore("not image files", rel)
+            elif not _utf8(entry.name):
+                ignore("names not UTF-8", rel)
+            else:
+                files.append(entry.path)
         if not files:
             raise AlexNetError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
         paths += files
         labels += [label] * len(files)
+    if ignored:
+        names = [n for group in ignored.values() for n in group]
+        log.warning(
+            "%s: %d files ignored (%s), e.g. %s",
+            root,
+            len(names),
+            ", ".join(f"{len(group)} {reason}" for reason, group in ignored.items()),
+            ", ".join(names[:3]),
+        )
     return ImageList(root, paths, labels, list(classes))
 
 
 def find_splits(root: str | Path) -> tuple[Path, Path]:
     """``root/train`` and ``root/val`` (``root/test`` is accepted for val, as in CIFAR-10 trees)."""
     root = Path(root)
-    if not root.is_dir():
-        raise AlexNetError(f"data folder {root} does not exist")
-    train = root / "train"
-    val = next((root / v for v in ("val", "validation", "test") if (root / v).is_dir()), None)
-    if not train.is_dir() or val is None:
-        raise AlexNetError(
-            f"{root} must hold train/<class>/<image> and val/<class>/<image>; "
-            f"found: {', '.join(sorted(p.name for p in root.iterdir())) or 'nothing'}"
-        )
-    return train, val
+    try:
+        if not root.is_dir():
+            raise AlexNetError(f"data folder {root} does not exist")
+        train = root / "train"
+        val = next((root / v for v in ("val", "validation", "test") if (root / v).is_dir()), None)
+        if train.is_dir() and val is not None:
+            return train, val
+        names = sorted(p.name for p in root.iterdir())
+    except OSError as e:
+        raise AlexNetError(f"cannot read data folder {_shown(str(root))}: {e.strerror or e}") from None
+    raise AlexNetError(
+        f"{root} must hold train/<class>/<image> and val/<class>/<image>; "
+        f"found: {', '.join(_shown(n) for n in names) or 'nothing'}"
+    )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -84,6 +84,21 @@ class ModelConfig:
             raise AlexNetError(f"model.num_classes must be at least 1; got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise AlexNetError(f"model.dropout must be in [0, 1); got {self.dropout}")
+        # Sizes are checked before any layer exists: a typo (width=1e9) must not allocate.
+        if not 0.0 < self.width <= 16.0:
+            raise AlexNetError(f"model.width must be in (0, 16]; got {self.width}")
+        for key, low in (("fc_width", 1), ("conv1_kernel", 1), ("conv1_stride", 1), ("conv1_padding", 0)):
+            if getattr(self, key) < low:
+                raise AlexNetError(f"model.{key} must be {low} or more; got {getattr(self, key)}")
+        # Per-size bounds keep the layer shapes sane; the whole network's size is bounded
+        # where a config is resolved for training (config.check_model_size), while a
+        # checkpoint's config is checked against the weights in its file instead.
+        if self.fc_width > 2**20:
+            raise AlexNetError(f"model.fc_width must be at most {2**20}; got {self.fc_width}")
+        if self.num_classes > 2**20:
+            raise AlexNetError(f"model.num_classes must be at most {2**20}; got {self.num_classes}")
+        if not 1 <= self.input_size <= 4096:
+            raise AlexNetError(f"model.input_size must be in 1..4096; got {self.input_size}")
         if self.name == "torchvision":
             # torchvision's network has fixed sizes: refuse paper-only options rather than
             # silently ignoring them.
