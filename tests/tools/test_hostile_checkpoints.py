@@ -4,18 +4,29 @@ the field (exit status 2), never a traceback nor a huge allocation."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import math
+import resource
 import struct
+import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
 
-from alexnet.checkpoint import load_checkpoint, save_checkpoint, save_safetensors
+from alexnet.checkpoint import load_checkpoint, load_model, save_checkpoint, save_safetensors
 from alexnet.cli import main
 from alexnet.errors import AlexNetError
+from alexnet.models.alexnet import ModelConfig
 from conftest import write_jpeg, write_tiny_checkpoint, write_tree
 
 IDS = [f"c{i}" for i in range(6)]
@@ -154,3 +165,156 @@ def test_the_untouched_files_still_load(tmp_path: Path, capsys: pytest.CaptureFi
     for path in (good, tmp_path / "good.safetensors"):
         rc, err = run_cli(["predict", str(path), image], capsys)
         assert rc == 0, err
+
+
+# --------------------------------------------------------------------------------------
+# Any value of any type in the metadata a stranger writes: only AlexNetError, bounded memory
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.sampled_from([0, 1, 3, 6, 28, 32, 4096, 100_000, "paper", "torchvision", "relu", "c0"])
+    | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+MODEL_KEYS = [f.name for f in dataclasses.fields(ModelConfig)]
+# Where a value goes: a top-level metadata key, a config section, or one key of a section.
+TARGETS = st.one_of(
+    st.sampled_from(["config", "classes", "class_names", "crop_size", "version", "source"]).map(lambda k: (k,)),
+    st.sampled_from(["model", "data", "optim", "run", "speed", "extra"]).map(lambda s: ("config", s)),
+    st.sampled_from(MODEL_KEYS).map(lambda k: ("config", "model", k)),
+    st.sampled_from(["image_size", "crop_size", "normalize"]).map(lambda k: ("config", "data", k)),
+)
+
+
+@pytest.fixture(scope="module")
+def good_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("good")
+    good = write_tiny_checkpoint(folder / "good.pt", IDS, NAMES)
+    save_safetensors(folder / "good.safetensors", load_checkpoint(good))
+    return folder / "good.safetensors"
+
+
+def _mutated(good: Path, out: Path, mutations: list[tuple[tuple[str, ...], Any]]) -> None:
+    raw = good.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    meta = json.loads(raw[8 : 8 + length])["__metadata__"]
+    values = {k: json.loads(v) for k, v in meta.items()}
+    for where, value in mutations:
+        d = values
+        for k in where[:-1]:
+            if not isinstance(d.get(k), dict):
+                d[k] = {}
+            d = d[k]
+        d[where[-1]] = value
+    out.write_bytes(raw)
+    edit_metadata(out, **values)
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=st.lists(st.tuples(TARGETS, JSON), min_size=1, max_size=3))
+def test_any_metadata_gives_alexnet_error_or_a_model(
+    good_safetensors: Path, tmp_path: Path, mutations: list[tuple[tuple[str, ...], Any]]
+) -> None:
+    path = tmp_path / "fuzz.safetensors"
+    _mutated(good_safetensors, path, mutations)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    try:
+        loaded = load_model(path)
+    except AlexNetError as e:
+        assert "\n" not in str(e)
+    else:  # what loads is usable: one class per output, a patch the network takes
+        crop = loaded.preprocess.crop_size
+        assert loaded.model(torch.zeros(1, 3, crop, crop)).shape == (1, len(loaded.classes))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 200, f"loading {mutations} raised peak memory by {grown_mb:.0f} MB"
+
+
+def test_sizes_are_refused_before_any_allocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crop of 100,000 px (30 GB of input per image) is refused from the metadata:
+    no tensor of that size is ever asked for."""
+    good = write_tiny_checkpoint(tmp_path / "good.pt", IDS, NAMES)
+    save_safetensors(tmp_path / "huge.safetensors", load_checkpoint(good))
+    edit_metadata(tmp_path / "huge.safetensors", crop_size=100_000)
+    asked: list[int] = []
+    real_empty = torch.empty
+
+    def empty(*size: Any, **kwargs: Any) -> torch.Tensor:
+        asked.append(math.prod(size[0] if len(size) == 1 and not isinstance(size[0], int) else size))
+        return real_empty(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises(AlexNetError, match="crop_size 100000"):
+        load_model(tmp_path / "huge.safetensors")
+    assert all(n < 10**8 for n in asked), asked
+
+
+# --------------------------------------------------------------------------------------
+# serve: uploads are decoded a bounded number at a time
+
+
+def test_serve_decodes_at_most_the_bound_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("fastapi")
+    from alexnet.tools import serve
+
+    slots = threading.BoundedSemaphore(2)
+    active, peak, release = [0], [0], threading.Event()
+    changed = threading.Condition()
+
+    def slow_decode(_: Any, size: int) -> np.ndarray:
+        with changed:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            changed.notify_all()
+        release.wait(timeout=30)
+        with changed:
+            active[0] -= 1
+        return np.zeros((size, size, 3), np.uint8)
+
+    monkeypatch.setattr(serve, "load_image", slow_decode)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    threads = [
+        threading.Thread(target=serve.decode_upload, args=(png.getvalue(), 16, slots), daemon=True) for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    with changed:
+        assert changed.wait_for(lambda: active[0] == 2, timeout=30)  # two decode at once...
+    # ...and the other six wait for a slot: none can take one while both are held.
+    assert not slots.acquire(blocking=False)
+    release.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert peak[0] == 2 and active[0] == 0
+
+
+def test_serve_app_decodes_through_the_bound(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    with warnings.catch_warnings():
+        # starlette 1.x asks for "httpx2", which is not on PyPI; httpx works (as in test_serve.py).
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
+        from fastapi.testclient import TestClient
+
+    from alexnet.tools import serve
+
+    seen: list[threading.BoundedSemaphore] = []
+    real = serve.decode_upload
+
+    def spy(data: bytes, size: int, slots: threading.BoundedSemaphore) -> Any:
+        seen.append(slots)
+        return real(data, size, slots)
+
+    monkeypatch.setattr(serve, "decode_upload", spy)
+    client = TestClient(serve.create_app(tiny_checkpoint, max_decoding=1))
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    assert client.post("/predict", files={"file": ("x.png", png.getvalue(), "image/png")}).status_code == 200
+    assert len(seen) == 1 and isinstance(seen[0], threading.BoundedSemaphore)
+    assert seen[0].acquire(blocking=False)  # the slot is free again after the request...
+    assert not seen[0].acquire(blocking=False)  # ...and there is only one (max_decoding=1)
+    seen[0].release()
