@@ -392,3 +392,47 @@ def test_config_with_unknown_key_in_checkpoint(tmp_path: Path) -> None:
     state["config"]["run"]["shell"] = "rm -rf /"
     with pytest.raises(AlexNetError, match="unknown config key 'run.shell' in checkpoint"):
         model_from_checkpoint(state, "x.pt")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("classes", ["a", "b", "c", "d"]), "'classes' lists 4 classes for a network with 3 outputs"),
+        (("class_names", ["x", "y"]), "'class_names' should be a list of 3 strings, one per class; found 2 names"),
+        (("class_names", [1, 2, 3]), "'class_names' should be a list of 3 strings"),
+        (("config.model", "paper"), "config section 'model' is missing or not a mapping"),
+        (("config.data", [1]), "config section 'data' should be a mapping, found list"),
+        (("preprocess.std", torch.zeros(3)), "preprocess 'std' must be positive"),
+        (("preprocess.eigvecs", torch.full((3, 3), float("inf"))), "preprocess 'eigvecs' holds NaN or infinite"),
+        (("preprocess.crop_size", 12), "'crop_size' 12 does not fit its network \\(configured for 28 px\\)"),
+        (("preprocess.crop_size", 28.0), "crop size of at most S \\(an integer\\)"),
+    ],
+)
+def test_inference_fields_are_checked_against_each_other(tmp_path: Path, change: tuple[str, Any], message: str) -> None:
+    state = make_state()
+    _set(state, *change)
+    save_checkpoint(tmp_path / "bad.pt", state)
+    with pytest.raises(AlexNetError, match=message) as info:
+        load_checkpoint(tmp_path / "bad.pt")
+    assert "\n" not in str(info.value)
+
+
+def test_nan_weights_are_refused_for_inference_but_a_resume_still_reads_them(tmp_path: Path) -> None:
+    state = make_state()
+    state["model"]["fc8.bias"][1] = float("nan")
+    save_checkpoint(tmp_path / "nan.pt", state)
+    with pytest.raises(AlexNetError, match="weights 'fc8.bias' hold NaN or infinite values"):
+        load_for_inference(tmp_path / "nan.pt")
+    # A resume keeps its own judgement of a diverged run (and its fallback to older history).
+    assert load_checkpoint(tmp_path / "nan.pt", for_training=True)["step"] == 0
+
+
+def test_in_memory_states_get_the_same_network_checks() -> None:
+    state = make_state()
+    state["classes"] = ["a", "b"]
+    with pytest.raises(AlexNetError, match="'classes' lists 2 classes for a network with 3 outputs"):
+        model_from_checkpoint(state)
+    state = make_state()
+    state["config"]["model"]["conv1_stride"] = 0
+    with pytest.raises(AlexNetError, match="config 'model' describes no network that can be built"):
+        model_from_checkpoint(state)

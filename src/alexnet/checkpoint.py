@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from alexnet import config as config_lib
-from alexnet.data.augment import Preprocess
+from alexnet.data.augment import Preprocess, check_preprocess_state
 from alexnet.errors import AlexNetError
 from alexnet.files import atomic_write, fsync_dir, temporary_name, torch_load
 from alexnet.models.alexnet import AlexNet, build_model
@@ -148,7 +148,9 @@ def load_checkpoint(path: str | Path, *, for_training: bool = False) -> dict[str
         if for_training:
             raise AlexNetError(f"{path} holds weights only (safetensors); resuming a run needs its last.pt")
         state = _load_safetensors(path)
-        _check_state(state, path)
+        _check_version(state, path)
+        _check_structure(state, path, for_training=False)
+        _check_network(state, path)
         return state
     state = torch_load(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -158,7 +160,7 @@ def load_checkpoint(path: str | Path, *, for_training: bool = False) -> dict[str
         raise AlexNetError(f"{path} is not an alexnet checkpoint (a bare state_dict or another program's file){hint}")
     _check_version(state, path)
     _check_structure(state, path, for_training)
-    _check_state(state, path)
+    _check_network(state, path)
     return state
 
 
@@ -168,15 +170,6 @@ def _check_version(state: dict[str, Any], path: Path) -> None:
         raise AlexNetError(
             f"{path} was written by a newer alexnet (format {version!r}, this one reads up to {VERSION})"
         )
-
-
-def _check_state(state: dict[str, Any], path: Path) -> None:
-    """What both file kinds must satisfy once read (the keys themselves are always there:
-    _check_structure requires them of a .pt, _load_safetensors builds them)."""
-    _check_version(state, path)
-    names = state.get("class_names")
-    if names is not None and len(names) != len(state["classes"]):
-        raise AlexNetError(f"checkpoint {path} has {len(names)} class names for {len(state['classes'])} classes")
 
 
 # Metadata keys of a .safetensors checkpoint; each value is a JSON string (safetensors
@@ -276,27 +269,29 @@ def _check_structure(state: dict[str, Any], path: Path, for_training: bool) -> N
     classes = state["classes"]
     if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
         raise _malformed(path, "'classes' should be a non-empty list of distinct class names")
-    pre = state["preprocess"]
-    expected = {"mean": 3, "std": 1, "eigvals": 1, "eigvecs": 2}
-    for key, ndim in expected.items():
-        if not isinstance(pre.get(key), torch.Tensor) or pre[key].ndim != ndim or not pre[key].is_floating_point():
-            raise _malformed(path, f"preprocess '{key}' should be a {ndim}-d float tensor")
-    mean = pre["mean"]
-    crop = pre.get("crop_size")
-    if (
-        mean.shape[0] != 3
-        or mean.shape[1] != mean.shape[2]
-        or tuple(pre["std"].shape) != (3,)
-        or tuple(pre["eigvals"].shape) != (3,)
-        or tuple(pre["eigvecs"].shape) != (3, 3)
-        or not isinstance(crop, int)
-        or not 0 < crop <= mean.shape[-1]
+    names = state.get("class_names")
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) != len(classes)
     ):
+        found = f"{len(names)} names" if isinstance(names, list) else type(names).__name__
         raise _malformed(
-            path,
-            "preprocess should hold a (3, S, S) mean image, (3,) std and eigenvalues, (3, 3) "
-            "eigenvectors and a crop size of at most S",
+            path, f"'class_names' should be a list of {len(classes)} strings, one per class; found {found}"
         )
+    try:
+        check_preprocess_state(state["preprocess"])
+    except AlexNetError as e:
+        raise _malformed(path, str(e)) from None
+    cfg = state["config"]
+    if not isinstance(cfg.get("model"), dict):
+        raise _malformed(path, "config section 'model' is missing or not a mapping")
+    for section, values in cfg.items():
+        if not isinstance(section, str) or not isinstance(values, dict):
+            raise _malformed(path, f"config section {section!r} should be a mapping, found {type(values).__name__}")
+    if not for_training:
+        # A NaN weight or mean makes every prediction NaN: refuse it rather than answer.
+        for key, value in state["model"].items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise _malformed(path, f"weights '{key}' hold NaN or infinite values")
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:
@@ -305,17 +300,23 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def model_from_checkpoint(state: dict[str, Any], path: str | Path = "(in memory)") -> AlexNet:
-    """The network the checkpoint's config describes, with its weights.
-
-    The network is first built on the meta device (no memory) and its parameter shapes
-    compared with the tensors in the file: a crafted config that asks for a huge network
-    is refused before anything is allocated, and real memory is only ever as large as
-    the weights actually present in the file.
-    """
-    cfg = config_lib.from_dict(state["config"], f"checkpoint {path}")
-    with torch.device("meta"):
-        model = build_model(cfg.model)
+def _check_network(state: dict[str, Any], path: str | Path) -> tuple[config_lib.Config, AlexNet]:
+    """The config, and the network it describes built on the meta device (no memory),
+    checked against the file: parameter shapes, one class per output, and a crop size
+    the network accepts. Returns the config and the (meta) network."""
+    cfg = state["config"]
+    if not isinstance(cfg, dict) or not all(isinstance(v, dict) for v in cfg.values()):
+        raise _malformed(Path(path), "'config' should be a mapping of sections")
+    if not isinstance(cfg.get("model"), dict):
+        raise _malformed(Path(path), "config section 'model' is missing or not a mapping")
+    parsed = config_lib.from_dict(cfg, f"checkpoint {path}")
+    try:
+        with torch.device("meta"):
+            model = build_model(parsed.model)
+    except (ValueError, RuntimeError, ZeroDivisionError, OverflowError, TypeError) as e:
+        raise AlexNetError(
+            f"checkpoint {path}: its config 'model' describes no network that can be built ({e})"
+        ) from None
     weights = state["model"]
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in weights.items()}
@@ -329,8 +330,41 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path = "(in memory)
                 f"checkpoint {path} does not match its own config: {key} is {found[key]} in the file, "
                 f"{shape} for the configured network"
             )
+    classes = state.get("classes")
+    outputs = parsed.model.num_classes
+    if isinstance(classes, list) and len(classes) != outputs:
+        raise AlexNetError(
+            f"checkpoint {path} is malformed: 'classes' lists {len(classes)} classes for a network with {outputs} outputs"
+        )
+    pre = state.get("preprocess")
+    crop = pre.get("crop_size") if isinstance(pre, dict) else None
+    if isinstance(crop, int) and not isinstance(crop, bool):
+        # A forward pass on the meta device: shapes only, nothing allocated.
+        try:
+            out = model(torch.empty(1, 3, crop, crop, device="meta"))
+        except RuntimeError as e:
+            raise AlexNetError(
+                f"checkpoint {path} is malformed: preprocess 'crop_size' {crop} does not fit its network "
+                f"(configured for {parsed.model.input_size} px): {str(e).splitlines()[0]}"
+            ) from None
+        if tuple(out.shape) != (1, outputs):
+            raise AlexNetError(
+                f"checkpoint {path} is malformed: preprocess 'crop_size' {crop} gives outputs {tuple(out.shape)}"
+            )
+    return parsed, model
+
+
+def model_from_checkpoint(state: dict[str, Any], path: str | Path = "(in memory)") -> AlexNet:
+    """The network the checkpoint's config describes, with its weights.
+
+    The network is first built on the meta device (no memory) and its parameter shapes
+    compared with the tensors in the file: a crafted config that asks for a huge network
+    is refused before anything is allocated, and real memory is only ever as large as
+    the weights actually present in the file.
+    """
+    _, model = _check_network(state, path)
     model = model.to_empty(device="cpu")
-    model.load_state_dict(weights)
+    model.load_state_dict(state["model"])
     return model
 
 
@@ -352,14 +386,10 @@ def load_model(
     ``num_classes``, refuse any other, e.g. ``load_model("best.pt", name="torchvision",
     num_classes=1000)`` names what the file holds instead of a wall of state_dict keys."""
     state = load_checkpoint(path)
-    saved = state["config"]["model"]
-    if (name is not None and saved["name"] != name) or (
-        num_classes is not None and saved["num_classes"] != num_classes
-    ):
-        want = f"'{name or saved['name']}' with {num_classes or saved['num_classes']} classes"
-        raise AlexNetError(
-            f"{path} holds a '{saved['name']}' model with {saved['num_classes']} classes; expected {want}"
-        )
+    saved = config_lib.from_dict(state["config"], f"checkpoint {path}").model  # checked by load_checkpoint
+    if (name is not None and saved.name != name) or (num_classes is not None and saved.num_classes != num_classes):
+        want = f"'{name or saved.name}' with {num_classes or saved.num_classes} classes"
+        raise AlexNetError(f"{path} holds a '{saved.name}' model with {saved.num_classes} classes; expected {want}")
     model = model_from_checkpoint(state, path).to(device).eval()
     classes = list(state["classes"])
     return LoadedModel(

@@ -21,9 +21,12 @@ Test (section 4.1): the four corner patches and the centre patch, and their refl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from alexnet.errors import AlexNetError
 
 # torchvision's ImageNet normalisation, in 0-255 units, for the "imagenet" mode.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -60,7 +63,51 @@ class Preprocess:
 
     @classmethod
     def from_state_dict(cls, d: dict) -> Preprocess:
+        """From :meth:`state_dict`'s form; a malformed one (a checkpoint from a stranger)
+        raises AlexNetError naming the field, before anything is allocated from it."""
+        check_preprocess_state(d)
         return cls(d["mean"].float(), d["std"].float(), d["eigvals"].float(), d["eigvecs"].float(), int(d["crop_size"]))
+
+
+# The largest mean image (image side S) a preprocess may hold. Inputs are resized to S x S
+# before the crop, so S bounds what is allocated per image: 3 * 4096**2 float32 = 201 MB
+# for the resized image (50 MB as uint8), whatever a checkpoint's metadata claims; the
+# paper uses 256, imported weights 256.
+MAX_IMAGE_SIZE = 4096
+
+
+def check_preprocess_state(d: Any) -> None:
+    """Types, shapes, ranges and finiteness of a preprocess state_dict; AlexNetError naming the field."""
+    if not isinstance(d, dict):
+        raise AlexNetError(f"'preprocess' should be a mapping, found {type(d).__name__}")
+    expected = {"mean": 3, "std": 1, "eigvals": 1, "eigvecs": 2}
+    for key, ndim in expected.items():
+        value = d.get(key)
+        if not isinstance(value, Tensor) or value.ndim != ndim or not value.is_floating_point():
+            raise AlexNetError(f"preprocess '{key}' should be a {ndim}-d float tensor")
+    mean, crop = d["mean"], d.get("crop_size")
+    if (
+        mean.shape[0] != 3
+        or mean.shape[1] != mean.shape[2]
+        or tuple(d["std"].shape) != (3,)
+        or tuple(d["eigvals"].shape) != (3,)
+        or tuple(d["eigvecs"].shape) != (3, 3)
+        or not isinstance(crop, int)
+        or isinstance(crop, bool)
+        or not 0 < crop <= mean.shape[-1]
+    ):
+        raise AlexNetError(
+            "preprocess should hold a (3, S, S) mean image, (3,) std and eigenvalues, (3, 3) "
+            f"eigenvectors and a crop size of at most S (an integer); found mean {tuple(mean.shape)}, "
+            f"crop_size {crop!r}"
+        )
+    if mean.shape[-1] > MAX_IMAGE_SIZE:
+        raise AlexNetError(f"preprocess 'mean' is {mean.shape[-1]} px square; at most {MAX_IMAGE_SIZE} is accepted")
+    for key in expected:
+        if not bool(torch.isfinite(d[key]).all()):
+            raise AlexNetError(f"preprocess '{key}' holds NaN or infinite values")
+    if not bool((d["std"] > 0).all()):
+        raise AlexNetError(f"preprocess 'std' must be positive; found {d['std'].tolist()}")
 
 
 def make_preprocess(

@@ -12,7 +12,9 @@ read into the app (:class:`BodyLimit`), an image over the pixel limit or a decom
 bomb (a small file declaring huge dimensions, refused from its header by
 ``data.load_image``) gets 413, and anything that does not decode as an image gets 415;
 each with a ``detail`` message. Inference is serialised by a lock: concurrent forward
-passes would only compete for the same CPU cores or GPU.
+passes would only compete for the same CPU cores or GPU. Decoding is bounded too: at most
+``max_decoding`` uploads (default :data:`DECODE_SLOTS`) are decoded at once, so a burst of
+small files that decode to large images (a 62 KB PNG of 8000x8000 pixels) cannot add up.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ from alexnet.evaluate import predict_probs
 from alexnet.tools.predict import top_classes
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
+# Uploads decoded at once. data.load_image refuses images over MAX_IMAGE_PIXELS (64 Mpx)
+# from their header, so one decode holds at most 64 Mpx x 3 bytes = 192 MB of RGB pixels
+# (plus its resized copy, at most as large); two slots bound decoding to about 2 x 384 MB
+# = 768 MB however many requests arrive at once (FastAPI's thread pool runs up to 40).
+DECODE_SLOTS = 2
 MULTIPART_OVERHEAD = 16 * 2**10  # boundaries and part headers around the file's bytes
 
 
@@ -90,14 +97,26 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+def decode_upload(data: bytes, image_size: int, slots: threading.BoundedSemaphore) -> tuple[Any, int, int]:
+    """Decode one upload as ``alexnet predict`` does, holding one of ``slots`` throughout:
+    (the (size, size, 3) uint8 image, width, height). Raises data.images' BadImage/ImageTooLarge."""
+    with slots:
+        image = load_image(io.BytesIO(data), image_size)
+        with Image.open(io.BytesIO(data)) as probe:  # decoded above, so within the pixel limit
+            width, height = probe.size
+    return image, width, height
+
+
 def create_app(
     checkpoint: str | Path,
     device: str | torch.device = "cpu",
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     topk: int = 5,
+    max_decoding: int = DECODE_SLOTS,
 ) -> FastAPI:
     loaded = load_model(checkpoint, device)
     lock = threading.Lock()
+    decode_slots = threading.BoundedSemaphore(max_decoding)
     model_name = loaded.config.get("model", {}).get("name", "alexnet")
     info = {
         "status": "ok",
@@ -127,13 +146,11 @@ def create_app(
         if not data:
             raise HTTPException(400, "the upload is empty")
         try:
-            image = load_image(io.BytesIO(data), loaded.preprocess.image_size)
+            image, width, height = decode_upload(data, loaded.preprocess.image_size, decode_slots)
         except ImageTooLarge as e:
             raise HTTPException(413, f"image refused: {e}") from None
         except BadImage as e:
             raise HTTPException(415, f"not a decodable image ({file.filename or 'upload'}): {e}") from None
-        with Image.open(io.BytesIO(data)) as probe:  # decoded above, so within the pixel limit
-            width, height = probe.size
         batch = torch.from_numpy(image).permute(2, 0, 1)[None].to(device)
         with lock, torch.no_grad():
             probs = predict_probs([loaded.model], [loaded.preprocess], batch, ten=False)[0].cpu()
