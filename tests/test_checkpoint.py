@@ -433,6 +433,6 @@ def test_in_memory_states_get_the_same_network_checks() -> None:
     with pytest.raises(AlexNetError, match="'classes' lists 2 classes for a network with 3 outputs"):
         model_from_checkpoint(state)
     state = make_state()
-    state["config"]["model"]["conv1_stride"] = 0
-    with pytest.raises(AlexNetError, match="config 'model' describes no network that can be built"):
+    state["config"]["model"]["conv1_stride"] = 0  # refused by the config's own check, naming the key
+    with pytest.raises(AlexNetError, match="model.conv1_stride must be 1 or more; got 0"):
         model_from_checkpoint(state)

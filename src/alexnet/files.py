@@ -116,6 +116,26 @@ def replace_durably(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+# The descriptors of the locks this process holds. A flock belongs to the open file, which
+# a forked child shares: a decoding worker forked while the lock is held would keep it
+# held after its parent is killed, for as long as the worker takes to notice (measured:
+# `alexnet train --resume` right after kill -9 was refused as "in use" in 2 of 5 tries on
+# a loaded 2-core machine, with no visible descriptor left in any process). Every forked
+# child closes its copies at once, so only the process that took a lock can hold it.
+_held_locks: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    for fd in _held_locks:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # closes the child's copy only: the parent's lock stays
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_file: Path, busy: str | None = None) -> Iterator[None]:
     """Hold an advisory flock on lock_file for the duration.
@@ -137,7 +157,11 @@ def exclusive_lock(lock_file: Path, busy: str | None = None) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX if busy is None else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise AlexNetError(busy) from None
-        yield
+        _held_locks.add(f.fileno())
+        try:
+            yield
+        finally:
+            _held_locks.discard(f.fileno())
 
 
 def atomic_write_text(path: Path, text: str) -> None:

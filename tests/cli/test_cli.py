@@ -321,6 +321,9 @@ def test_checkpoint_config_of_shared_references_is_one_line_fast(trained, datase
     start = time.monotonic()
     assert run("predict", run_dir / "last.pt", image) == 2
     assert "config optim.lr expects float; got [[[[...], [...]]" in _one_line_error(capsys)
+    # Without a good history checkpoint to fall back on (resume takes the newest loadable one).
+    shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "best.pt").unlink()
     assert run("train", "--resume", run_dir, "--no-progress") == 2
     assert "config optim.lr expects float" in _one_line_error(capsys)
     assert time.monotonic() - start < 10
