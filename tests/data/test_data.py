@@ -786,3 +786,16 @@ def test_fuzz_seeds_are_valid_images(fuzz_file: Path) -> None:
     for seed in FUZZ_SEEDS:
         fuzz_file.write_bytes(seed)
         assert load_image(fuzz_file, 16).shape == (16, 16, 3)
+
+
+def test_find_splits_names_a_file_or_a_dangling_link_for_what_it_is(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(AlexNetError, match="file is not a folder"):
+        find_splits(tmp_path / "file")
+    for name in ("loop", "dangling"):
+        with pytest.raises(AlexNetError, match=f"{name} is a symbolic link that does not resolve"):
+            find_splits(tmp_path / name)
+    with pytest.raises(AlexNetError, match="missing does not exist"):
+        find_splits(tmp_path / "missing")

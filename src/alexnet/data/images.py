@@ -190,6 +190,12 @@ def find_splits(root: str | Path) -> tuple[Path, Path]:
     root = Path(root)
     try:
         if not root.is_dir():
+            if root.is_symlink():
+                raise AlexNetError(
+                    f"data folder {root} is a symbolic link that does not resolve (a loop, or a missing target)"
+                )
+            if root.exists():
+                raise AlexNetError(f"data folder {root} is not a folder")
             raise AlexNetError(f"data folder {root} does not exist")
         train = root / "train"
         val = next((root / v for v in ("val", "validation", "test") if (root / v).is_dir()), None)
