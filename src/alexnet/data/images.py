@@ -121,23 +121,7 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> Ima
     except OSError as e:
         raise AlexNetError(f"cannot read data folder {root}: {e.strerror or e}") from None
     ignored: dict[str, list[str]] = {}  # reason -> names relative to root
-
-    def ignore(reason: str, name: str) -> None:
-        ignored.setdefault(reason, []).append(_shown(name))
-
-    found = []
-    for entry in _entries(root, "data folder"):
-        if entry.name.startswith("."):
-            continue
-        kind = _kind(entry)
-        if kind == "dir" and _utf8(entry.name):
-            found.append(entry.name)
-        elif kind == "dir":
-            ignore("folder names not UTF-8", entry.name + "/")
-        else:
-            ignore("not in a class folder" if kind == "file" else kind, entry.name)
-    if not found:
-        raise AlexNetError(f"data folder {root} has no class folders (expected {root}/<class>/<image>)")
+    found = _class_folders(root, ignored)
     if classes is None:
         classes = found
     else:
@@ -151,38 +135,71 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> Ima
     paths: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        folder = root / name
         if name not in present:
             continue  # a validation split may lack some classes
-        files = []
-        for entry in _entries(folder, "class folder"):
-            if entry.name.startswith("."):
-                continue
-            kind, rel = _kind(entry), f"{name}/{entry.name}"
-            if kind == "dir":
-                ignore("sub-folders (not searched)", rel + "/")
-            elif kind != "file":
-                ignore(kind, rel)
-            elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                ignore("not image files", rel)
-            elif not _utf8(entry.name):
-                ignore("names not UTF-8", rel)
-            else:
-                files.append(entry.path)
-        if not files:
-            raise AlexNetError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+        files = _class_images(root, name, ignored)
         paths += files
         labels += [label] * len(files)
-    if ignored:
-        names = [n for group in ignored.values() for n in group]
-        log.warning(
-            "%s: %d files ignored (%s), e.g. %s",
-            root,
-            len(names),
-            ", ".join(f"{len(group)} {reason}" for reason, group in ignored.items()),
-            ", ".join(names[:3]),
-        )
+    _report_ignored(root, ignored)
     return ImageList(root, paths, labels, list(classes))
+
+
+def _ignore(ignored: dict[str, list[str]], reason: str, name: str) -> None:
+    ignored.setdefault(reason, []).append(_shown(name))
+
+
+def _class_folders(root: Path, ignored: dict[str, list[str]]) -> list[str]:
+    """The class folders' names under root, sorted; what else is there goes to ``ignored``."""
+    found = []
+    for entry in _entries(root, "data folder"):
+        if entry.name.startswith("."):
+            continue
+        kind = _kind(entry)
+        if kind == "dir" and _utf8(entry.name):
+            found.append(entry.name)
+        elif kind == "dir":
+            _ignore(ignored, "folder names not UTF-8", entry.name + "/")
+        else:
+            _ignore(ignored, "not in a class folder" if kind == "file" else kind, entry.name)
+    if not found:
+        raise AlexNetError(f"data folder {root} has no class folders (expected {root}/<class>/<image>)")
+    return found
+
+
+def _class_images(root: Path, name: str, ignored: dict[str, list[str]]) -> list[str]:
+    """The image files directly in root/name, sorted; what else is there goes to ``ignored``."""
+    files = []
+    for entry in _entries(root / name, "class folder"):
+        if entry.name.startswith("."):
+            continue
+        kind, rel = _kind(entry), f"{name}/{entry.name}"
+        if kind == "dir":
+            _ignore(ignored, "sub-folders (not searched)", rel + "/")
+        elif kind != "file":
+            _ignore(ignored, kind, rel)
+        elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            _ignore(ignored, "not image files", rel)
+        elif not _utf8(entry.name):
+            _ignore(ignored, "names not UTF-8", rel)
+        else:
+            files.append(entry.path)
+    if not files:
+        raise AlexNetError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+    return files
+
+
+def _report_ignored(root: Path, ignored: dict[str, list[str]]) -> None:
+    """One warning for the whole scan: how many files were not read, by reason, and a few names."""
+    if not ignored:
+        return
+    names = [n for group in ignored.values() for n in group]
+    log.warning(
+        "%s: %d files ignored (%s), e.g. %s",
+        root,
+        len(names),
+        ", ".join(f"{len(group)} {reason}" for reason, group in ignored.items()),
+        ", ".join(names[:3]),
+    )
 
 
 def find_splits(root: str | Path) -> tuple[Path, Path]:
