@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,7 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
+import alexnet
 from alexnet.data.cifar import ArraySplit
+
+# For `python -m alexnet` in a subprocess: this checkout's sources first, and one OpenMP
+# thread (several such processes share the two cores of the development machine).
+SUBPROCESS_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(Path(alexnet.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    "OMP_NUM_THREADS": "1",
+}
 
 # A network small enough to train in a second: 32 px images, 28 px crops.
 # Command-line options shared by the end-to-end tests (test_cli, test_distributed).

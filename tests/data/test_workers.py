@@ -19,16 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-import alexnet
 from alexnet.data import store
 from alexnet.data.prepare import prepare
 from alexnet.runtime import die_with_parent
-from conftest import write_jpeg, write_tiny_checkpoint
+from conftest import SUBPROCESS_ENV, write_jpeg, write_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
 
-SRC = str(Path(alexnet.__file__).parents[1])
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+ENV = SUBPROCESS_ENV
 
 
 def run_alexnet(*args: object, timeout: float = 60) -> subprocess.CompletedProcess:

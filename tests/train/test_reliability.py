@@ -32,13 +32,12 @@ import pytest
 import torch
 from PIL import Image
 
-import alexnet
 from alexnet.cli import main
 from alexnet.data.synthetic import make_shapes_dataset
 from alexnet.train import checkpoints as checkpoints_module
 from alexnet.train import step as step_module
 from alexnet.train.optim import PaperSGD
-from conftest import TINY
+from conftest import SUBPROCESS_ENV, TINY
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals and resource limits")
 
@@ -59,8 +58,7 @@ RECIPE = [
 STEPS_PER_EPOCH, TOTAL_STEPS = 15, 30
 TIMING = ("images_per_s", "epoch_seconds")
 CHECKPOINT_LINE = re.compile(r"checkpoint at step (\d+) \(epoch (\d+), batch (\d+)/(\d+)\)")
-SRC = str(Path(alexnet.__file__).parents[1])
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+ENV = SUBPROCESS_ENV
 
 
 @pytest.fixture(scope="module", autouse=True)
