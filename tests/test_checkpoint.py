@@ -17,19 +17,16 @@ import torch
 
 from alexnet import checkpoint
 from alexnet.checkpoint import (
-    history,
     load_checkpoint,
     load_for_inference,
-    load_for_resume,
     model_from_checkpoint,
-    remove_partial_writes,
     save_checkpoint,
-    save_run_checkpoint,
 )
 from alexnet.config import resolve
 from alexnet.data.augment import Preprocess
 from alexnet.errors import AlexNetError
 from alexnet.models.alexnet import build_model
+from alexnet.train.checkpoints import history, load_for_resume, remove_partial_writes, save_run_checkpoint
 
 TINY_MODEL = {
     "model.width": "0.125",

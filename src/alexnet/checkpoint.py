@@ -18,10 +18,8 @@ old file: a crash at any moment leaves either the old or the new checkpoint, nev
 of one. A write that fails (a full disk) removes its temporary file and raises an
 AlexNetError that says the previous checkpoint is intact.
 
-In a run directory, ``last.pt`` is the newest checkpoint, ``best.pt`` the one with the
-lowest validation error, and ``checkpoints/step-N.pt`` a short history (hard links to
-the same bytes, so the history costs no extra writes) that resume falls back on when
-``last.pt`` is damaged.
+A run directory's files (``last.pt``, ``best.pt``, the ``checkpoints/step-N.pt`` history
+and the fallback on it when ``last.pt`` is damaged) are alexnet.train.checkpoints'.
 """
 
 from __future__ import annotations
@@ -29,10 +27,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -41,17 +38,16 @@ from safetensors.torch import save as safetensors_bytes
 from alexnet import config as config_lib
 from alexnet.data.augment import Preprocess, check_preprocess_state
 from alexnet.errors import AlexNetError
-from alexnet.files import atomic_write, fsync_dir, temporary_name, torch_load
+from alexnet.files import atomic_write, torch_load
 from alexnet.models.alexnet import AlexNet, build_model
 
 log = logging.getLogger("alexnet")
 
 FORMAT = "alexnet-checkpoint"
 VERSION = 2  # 2 added the position inside an epoch, partial epoch sums and random states
-HISTORY = "checkpoints"  # run_dir/checkpoints/step-N.pt
 
 
-def _write_error(path: Path, e: OSError) -> AlexNetError:
+def write_error(path: Path, e: OSError) -> AlexNetError:
     reason = e.strerror or str(e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         reason += " (free space or raise the quota, then resume)"
@@ -66,72 +62,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     try:
         atomic_write(path, lambda f: torch.save(state, f))
     except OSError as e:
-        raise _write_error(path, e) from None
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """Make target hold source's bytes, atomically: a hard link (no I/O), or a copy where
-    the filesystem has no hard links (FAT, some network and FUSE mounts)."""
-    tmp = temporary_name(target)
-    try:
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(source, tmp)
-        except OSError:
-            with open(source, "rb") as src:
-                atomic_write(target, lambda f: _copy(src, f))
-            return
-        os.replace(tmp, target)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(target, e) from None
-    fsync_dir(target.parent)
-
-
-def _copy(src: BinaryIO, dst: Any) -> None:
-    while chunk := src.read(1 << 24):
-        dst.write(chunk)
-
-
-def history(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the checkpoints in run_dir/checkpoints, oldest first."""
-    found = []
-    for p in (Path(run_dir) / HISTORY).glob("step-*.pt"):
-        try:
-            found.append((int(p.stem.removeprefix("step-")), p))
-        except ValueError:
-            continue  # not one of ours
-    return sorted(found)
-
-
-def save_run_checkpoint(run_dir: Path, state: dict[str, Any], *, best: bool = False, keep: int = 0) -> Path:
-    """Write run_dir/last.pt; best.pt too if ``best``; with ``keep`` > 0, also checkpoints/step-N.pt,
-    deleting all but the newest ``keep`` of those.
-
-    The order makes a failure at any point harmless: every file is complete before a name
-    refers to it, and old history is deleted only after the new entry exists, so the run
-    directory always holds at least one loadable checkpoint.
-    """
-    run_dir = Path(run_dir)
-    last = run_dir / "last.pt"
-    save_checkpoint(last, state)
-    if best:
-        link_or_copy(last, run_dir / "best.pt")
-    if keep > 0:
-        (run_dir / HISTORY).mkdir(exist_ok=True)
-        link_or_copy(last, run_dir / HISTORY / f"step-{state['step']:09d}.pt")
-        for _, old in history(run_dir)[:-keep]:
-            old.unlink(missing_ok=True)
-    return last
-
-
-def remove_partial_writes(run_dir: Path) -> list[Path]:
-    """Delete temporary files left by a process killed while writing a checkpoint."""
-    run_dir = Path(run_dir)
-    partial = [p for folder in (run_dir, run_dir / HISTORY) for p in folder.glob(".*.pt.tmp*")]
-    for p in partial:
-        p.unlink(missing_ok=True)
-    return partial
+        raise write_error(path, e) from None
 
 
 def load_checkpoint(path: str | Path, *, for_training: bool = False) -> dict[str, Any]:
@@ -405,34 +336,3 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu") -> 
     """The model in eval mode on device, its preprocessing, and its class ids."""
     loaded = load_model(path, device)
     return loaded.model, loaded.preprocess, loaded.classes
-
-
-def load_for_resume(run_dir: Path) -> tuple[dict[str, Any], Path]:
-    """The newest loadable checkpoint of a run: last.pt, else the newest of checkpoints/step-N.pt.
-
-    Each candidate that cannot be used is named in a warning with its reason; when none
-    can, the error names last.pt's problem.
-    """
-    run_dir = Path(run_dir)
-    removed = remove_partial_writes(run_dir)
-    if removed:
-        log.warning(
-            "removed %d partial checkpoint file(s) left by an interrupted write: %s",
-            len(removed),
-            ", ".join(p.name for p in removed),
-        )
-    candidates = [run_dir / "last.pt"] + [p for _, p in reversed(history(run_dir))]
-    first_error: AlexNetError | None = None
-    for candidate in candidates:
-        try:
-            state = load_checkpoint(candidate, for_training=True)
-        except AlexNetError as e:
-            first_error = first_error or e
-            if candidate.exists():
-                log.warning("cannot resume from %s: %s", candidate, e)
-            continue
-        if candidate != candidates[0]:
-            log.warning("resuming from %s instead of %s", candidate, candidates[0].name)
-        return state, candidate
-    assert first_error is not None
-    raise first_error

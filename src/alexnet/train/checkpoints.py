@@ -5,17 +5,24 @@ A checkpoint holds the resolved configuration, weights, optimizer and schedule s
 the counters, the preprocessing, the classes, the files reported as undecodable and the
 random states; a mid-epoch one also the position in the epoch and the epoch's partial
 sums (state.py). Every rank calls ``save`` (the partial sums are reduced over ranks);
-rank 0 writes, through alexnet.checkpoint's atomic, rotating ``save_run_checkpoint``.
+rank 0 writes, through the atomic, rotating ``save_run_checkpoint``.
+
+In a run directory, ``last.pt`` is the newest checkpoint, ``best.pt`` the one with the
+lowest validation error, and ``checkpoints/step-N.pt`` a short history (hard links to the
+same bytes, so it costs no extra writes) that ``load_for_resume`` falls back on when
+``last.pt`` is damaged. The file format itself is alexnet.checkpoint's.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from alexnet.checkpoint import save_run_checkpoint
+from alexnet.checkpoint import load_checkpoint, save_checkpoint, write_error
 from alexnet.errors import AlexNetError
+from alexnet.files import atomic_write, fsync_dir, temporary_name
 from alexnet.train.state import EpochTotals, random_state, restore_random_state
 
 if TYPE_CHECKING:
@@ -103,3 +110,102 @@ def _load_optimizer_and_schedule(loop: Loop, state: dict[str, Any], path: Path) 
             v = optimizer.state[param].get("velocity")
             if not isinstance(group["lr"], float) or (v is not None and v.shape != param.shape):
                 raise AlexNetError(f"checkpoint {path} is malformed: its optimizer state does not fit the network")
+
+
+HISTORY = "checkpoints"  # run_dir/checkpoints/step-N.pt
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make target hold source's bytes, atomically: a hard link (no I/O), or a copy where
+    the filesystem has no hard links (FAT, some network and FUSE mounts)."""
+    tmp = temporary_name(target)
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            with open(source, "rb") as src:
+                atomic_write(target, lambda f: _copy(src, f))
+            return
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(target, e) from None
+    fsync_dir(target.parent)
+
+
+def _copy(src: BinaryIO, dst: Any) -> None:
+    while chunk := src.read(1 << 24):
+        dst.write(chunk)
+
+
+def history(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints in run_dir/checkpoints, oldest first."""
+    found = []
+    for p in (Path(run_dir) / HISTORY).glob("step-*.pt"):
+        try:
+            found.append((int(p.stem.removeprefix("step-")), p))
+        except ValueError:
+            continue  # not one of ours
+    return sorted(found)
+
+
+def save_run_checkpoint(run_dir: Path, state: dict[str, Any], *, best: bool = False, keep: int = 0) -> Path:
+    """Write run_dir/last.pt; best.pt too if ``best``; with ``keep`` > 0, also checkpoints/step-N.pt,
+    deleting all but the newest ``keep`` of those.
+
+    The order makes a failure at any point harmless: every file is complete before a name
+    refers to it, and old history is deleted only after the new entry exists, so the run
+    directory always holds at least one loadable checkpoint.
+    """
+    run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
+    save_checkpoint(last, state)
+    if best:
+        link_or_copy(last, run_dir / "best.pt")
+    if keep > 0:
+        (run_dir / HISTORY).mkdir(exist_ok=True)
+        link_or_copy(last, run_dir / HISTORY / f"step-{state['step']:09d}.pt")
+        for _, old in history(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return last
+
+
+def remove_partial_writes(run_dir: Path) -> list[Path]:
+    """Delete temporary files left by a process killed while writing a checkpoint."""
+    run_dir = Path(run_dir)
+    partial = [p for folder in (run_dir, run_dir / HISTORY) for p in folder.glob(".*.pt.tmp*")]
+    for p in partial:
+        p.unlink(missing_ok=True)
+    return partial
+
+
+def load_for_resume(run_dir: Path) -> tuple[dict[str, Any], Path]:
+    """The newest loadable checkpoint of a run: last.pt, else the newest of checkpoints/step-N.pt.
+
+    Each candidate that cannot be used is named in a warning with its reason; when none
+    can, the error names last.pt's problem.
+    """
+    run_dir = Path(run_dir)
+    removed = remove_partial_writes(run_dir)
+    if removed:
+        log.warning(
+            "removed %d partial checkpoint file(s) left by an interrupted write: %s",
+            len(removed),
+            ", ".join(p.name for p in removed),
+        )
+    candidates = [run_dir / "last.pt"] + [p for _, p in reversed(history(run_dir))]
+    first_error: AlexNetError | None = None
+    for candidate in candidates:
+        try:
+            state = load_checkpoint(candidate, for_training=True)
+        except AlexNetError as e:
+            first_error = first_error or e
+            if candidate.exists():
+                log.warning("cannot resume from %s: %s", candidate, e)
+            continue
+        if candidate != candidates[0]:
+            log.warning("resuming from %s instead of %s", candidate, candidates[0].name)
+        return state, candidate
+    assert first_error is not None
+    raise first_error

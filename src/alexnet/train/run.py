@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from alexnet import config as config_lib
-from alexnet.checkpoint import load_checkpoint, load_for_resume, model_from_checkpoint
+from alexnet.checkpoint import load_checkpoint, model_from_checkpoint
 from alexnet.config import Config
 from alexnet.data.augment import Preprocess, make_preprocess
 from alexnet.data.loader import EpochBatchSampler, closing_loaders
@@ -51,6 +51,7 @@ from alexnet.errors import AlexNetError
 from alexnet.models.alexnet import build_model
 from alexnet.runtime import resolve_device
 from alexnet.train import checkpoints, distributed
+from alexnet.train.checkpoints import load_for_resume
 from alexnet.train.distributed import Dist
 from alexnet.train.loop import Feeds, Loop, RunParts, report_skipped
 from alexnet.train.optim import PaperSGD, param_groups, plateau_schedule
