@@ -19,7 +19,6 @@ Images that cannot be decoded are not zero-filled into the data: their slots get
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,16 +26,16 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from alexnet.data import ilsvrc, store
+from alexnet.data import store
 from alexnet.data.chunks import ChunkTask, chunk_sums, write_chunk
-from alexnet.data.images import find_splits, scan_image_folder
 from alexnet.data.loader import resolve_workers
+from alexnet.data.source import Source, SplitSource, find_source
 from alexnet.data.stats import DataStats, StatsAccumulator
 from alexnet.errors import AlexNetError
 from alexnet.files import exclusive_lock, write_json
@@ -50,64 +49,6 @@ log = logging.getLogger("alexnet")
 # and 16 times the paper's 256 (no ILSVRC image is even half as large, so more would only
 # upsample). 100000 would have asked for 1.4 TB of (sparse) images files before failing.
 MAX_IMAGE_SIZE = 4096
-
-Member = ilsvrc.Member  # (name or path, offset in the archive or -1 for a file, size or -1)
-
-
-@dataclass
-class SplitSource:
-    archive: str | None  # the archive the members' offsets refer to; None: members are files
-    members: list[Member]
-    labels: list[int]
-
-
-@dataclass
-class Source:
-    kind: str  # "image-folder" | "ilsvrc2012"
-    path: Path
-    classes: list[str]
-    splits: dict[str, SplitSource]
-    class_words: dict[str, str] = field(default_factory=dict)
-
-    def fingerprint(self, image_size: int, chunk_size: int) -> str:
-        """Identifies the inputs and parameters of a prepare: names, sizes and mtimes of every input."""
-        h = hashlib.sha256(f"{store.VERSION} {self.kind} {image_size} {chunk_size} {self.classes}".encode())
-        for name, split in self.splits.items():
-            if split.archive is not None:
-                st = os.stat(split.archive)
-                h.update(f"{name} {split.archive} {st.st_size} {st.st_mtime_ns}\n".encode())
-            for (member, offset, size), label in zip(split.members, split.labels):
-                if offset < 0:
-                    st = os.stat(member)
-                    offset, size = st.st_mtime_ns, st.st_size
-                h.update(f"{member} {offset} {size} {label}\n".encode())
-        return h.hexdigest()
-
-
-def find_source(src: str | Path) -> Source:
-    """An ILSVRC-2012 archive folder (if it holds ILSVRC2012_img_train.tar), else an ImageFolder tree."""
-    src = Path(src)
-    if ilsvrc.is_ilsvrc_folder(src):
-        classes, words, splits = ilsvrc.scan_ilsvrc(src)
-        return Source(
-            "ilsvrc2012",
-            src.resolve(),
-            classes,
-            {name: SplitSource(str(archive), members, labels) for name, (archive, members, labels) in splits.items()},
-            words,
-        )
-    train_dir, val_dir = find_splits(src)
-    train = scan_image_folder(train_dir)
-    val = scan_image_folder(val_dir, classes=train.classes)
-    return Source(
-        "image-folder",
-        src.resolve(),
-        train.classes,
-        {
-            "train": SplitSource(None, [(p, -1, -1) for p in train.paths], train.labels),
-            "val": SplitSource(None, [(p, -1, -1) for p in val.paths], val.labels),
-        },
-    )
 
 
 # --------------------------------------------------------------------------------------

@@ -6,13 +6,16 @@ Training (:func:`open_training_data`) and evaluation (:func:`open_eval_data`) bo
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alexnet.data import ilsvrc, store
 from alexnet.data.images import ImageFolderDataset, find_splits, scan_image_folder
 from alexnet.data.loader import EpochBatchSampler, make_loader
 from alexnet.data.stats import DataStats, compute_stats
@@ -105,3 +108,62 @@ def open_eval_data(
     images = scan_image_folder(folder, classes=classes)
     sampler = EpochBatchSampler(len(images), batch_size, shuffle=False)
     return folder, make_loader(ImageFolderDataset(images, image_size), sampler, workers)
+
+
+Member = ilsvrc.Member  # (name or path, offset in the archive or -1 for a file, size or -1)
+
+
+@dataclass
+class SplitSource:
+    archive: str | None  # the archive the members' offsets refer to; None: members are files
+    members: list[Member]
+    labels: list[int]
+
+
+@dataclass
+class Source:
+    kind: str  # "image-folder" | "ilsvrc2012"
+    path: Path
+    classes: list[str]
+    splits: dict[str, SplitSource]
+    class_words: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self, image_size: int, chunk_size: int) -> str:
+        """Identifies the inputs and parameters of a prepare: names, sizes and mtimes of every input."""
+        h = hashlib.sha256(f"{store.VERSION} {self.kind} {image_size} {chunk_size} {self.classes}".encode())
+        for name, split in self.splits.items():
+            if split.archive is not None:
+                st = os.stat(split.archive)
+                h.update(f"{name} {split.archive} {st.st_size} {st.st_mtime_ns}\n".encode())
+            for (member, offset, size), label in zip(split.members, split.labels):
+                if offset < 0:
+                    st = os.stat(member)
+                    offset, size = st.st_mtime_ns, st.st_size
+                h.update(f"{member} {offset} {size} {label}\n".encode())
+        return h.hexdigest()
+
+
+def find_source(src: str | Path) -> Source:
+    """An ILSVRC-2012 archive folder (if it holds ILSVRC2012_img_train.tar), else an ImageFolder tree."""
+    src = Path(src)
+    if ilsvrc.is_ilsvrc_folder(src):
+        classes, words, splits = ilsvrc.scan_ilsvrc(src)
+        return Source(
+            "ilsvrc2012",
+            src.resolve(),
+            classes,
+            {name: SplitSource(str(archive), members, labels) for name, (archive, members, labels) in splits.items()},
+            words,
+        )
+    train_dir, val_dir = find_splits(src)
+    train = scan_image_folder(train_dir)
+    val = scan_image_folder(val_dir, classes=train.classes)
+    return Source(
+        "image-folder",
+        src.resolve(),
+        train.classes,
+        {
+            "train": SplitSource(None, [(p, -1, -1) for p in train.paths], train.labels),
+            "val": SplitSource(None, [(p, -1, -1) for p in val.paths], val.labels),
+        },
+    )
