@@ -70,7 +70,11 @@ def load_checkpoint(path: str | Path, *, for_training: bool = False) -> dict[str
 
     ``for_training`` also requires and checks the optimizer, schedule and position a resume reads.
     """
-    path = Path(path)
+    return _load_checked(Path(path), for_training)[0]
+
+
+def _load_checked(path: Path, for_training: bool) -> tuple[dict[str, Any], config_lib.Config, AlexNet]:
+    """load_checkpoint's state, with the parsed config and the (meta-device) network the checks built."""
     if path.is_dir():
         path = path / "last.pt"  # a run directory stands for its latest checkpoint
     if not path.exists():
@@ -79,20 +83,19 @@ def load_checkpoint(path: str | Path, *, for_training: bool = False) -> dict[str
         if for_training:
             raise AlexNetError(f"{path} holds weights only (safetensors); resuming a run needs its last.pt")
         state = _load_safetensors(path)
-        _check_version(state, path)
-        _check_structure(state, path, for_training=False)
-        _check_network(state, path)
-        return state
-    state = torch_load(path)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        hint = ""
-        if isinstance(state, dict) and "features.0.weight" in state:
-            hint = "; for torchvision weights run: alexnet import-weights FILE --format torchvision --out CKPT"
-        raise AlexNetError(f"{path} is not an alexnet checkpoint (a bare state_dict or another program's file){hint}")
+    else:
+        state = torch_load(path)
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            hint = ""
+            if isinstance(state, dict) and "features.0.weight" in state:
+                hint = "; for torchvision weights run: alexnet import-weights FILE --format torchvision --out CKPT"
+            raise AlexNetError(
+                f"{path} is not an alexnet checkpoint (a bare state_dict or another program's file){hint}"
+            )
     _check_version(state, path)
     _check_structure(state, path, for_training)
-    _check_network(state, path)
-    return state
+    parsed, model = _check_network(state, path)
+    return state, parsed, model
 
 
 def _check_version(state: dict[str, Any], path: Path) -> None:
@@ -294,7 +297,12 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path = "(in memory)
     the weights actually present in the file.
     """
     _, model = _check_network(state, path)
-    model = model.to_empty(device="cpu")
+    return _with_weights(model, state)
+
+
+def _with_weights(meta_model: AlexNet, state: dict[str, Any]) -> AlexNet:
+    """The checked meta-device network, materialised on the CPU with the checkpoint's weights."""
+    model = meta_model.to_empty(device="cpu")
     model.load_state_dict(state["model"])
     return model
 
@@ -316,12 +324,12 @@ def load_model(
     """A checkpoint's model in eval mode with what inference needs; with ``name`` /
     ``num_classes``, refuse any other, e.g. ``load_model("best.pt", name="torchvision",
     num_classes=1000)`` names what the file holds instead of a wall of state_dict keys."""
-    state = load_checkpoint(path)
-    saved = config_lib.from_dict(state["config"], f"checkpoint {path}").model  # checked by load_checkpoint
+    state, parsed, meta_model = _load_checked(Path(path), for_training=False)
+    saved = parsed.model
     if (name is not None and saved.name != name) or (num_classes is not None and saved.num_classes != num_classes):
         want = f"'{name or saved.name}' with {num_classes or saved.num_classes} classes"
         raise AlexNetError(f"{path} holds a '{saved.name}' model with {saved.num_classes} classes; expected {want}")
-    model = model_from_checkpoint(state, path).to(device).eval()
+    model = _with_weights(meta_model, state).to(device).eval()
     classes = list(state["classes"])
     return LoadedModel(
         model=model,
