@@ -99,10 +99,15 @@ def atomic_write(path: Path, write: Any) -> None:
                 raise
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        rename_into_place(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def rename_into_place(tmp: Path, path: Path) -> None:
+    """Rename the complete, fsynced ``tmp`` over ``path`` and make the rename durable."""
+    os.replace(tmp, path)
     fsync_dir(path.parent)
 
 
@@ -112,8 +117,7 @@ def replace_durably(tmp: Path, path: Path) -> None:
     ``tmp`` if anything fails before this."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    rename_into_place(tmp, path)
 
 
 # The descriptors of the locks this process holds. A flock belongs to the open file, which

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from alexnet.checkpoint import load_checkpoint, save_checkpoint, write_error
 from alexnet.errors import AlexNetError
-from alexnet.files import atomic_write, fsync_dir, temporary_name
+from alexnet.files import atomic_write, rename_into_place, temporary_name
 from alexnet.train.state import EpochTotals, random_state, restore_random_state
 
 if TYPE_CHECKING:
@@ -127,11 +127,10 @@ def link_or_copy(source: Path, target: Path) -> None:
             with open(source, "rb") as src:
                 atomic_write(target, lambda f: _copy(src, f))
             return
-        os.replace(tmp, target)
+        rename_into_place(tmp, target)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise write_error(target, e) from None
-    fsync_dir(target.parent)
 
 
 def _copy(src: BinaryIO, dst: Any) -> None:
