@@ -143,7 +143,7 @@ def die_with_parent_init() -> Any:
 
 
 class WorkerLoader(DataLoader):
-    """A DataLoader whose decoding workers can be stopped now: :meth:`close`, or a ``with`` block.
+    """A DataLoader whose decoding workers can be stopped now: :meth:`close` (or :func:`closing_loaders`).
 
     Why it is needed: after an exception escapes a loop over the loader, the traceback
     keeps the loop's frame, and with it the loader's iterator, alive until the
@@ -180,12 +180,6 @@ class WorkerLoader(DataLoader):
                 shutdown()
         self._live_iterators = weakref.WeakSet()
         self._iterator = None  # a persistent iterator, now without workers
-
-    def __enter__(self) -> WorkerLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @contextlib.contextmanager
