@@ -202,6 +202,11 @@ def _report_ignored(root: Path, ignored: dict[str, list[str]]) -> None:
     )
 
 
+def val_folder(root: Path) -> Path | None:
+    """root/val, root/validation or root/test (CIFAR-10 trees), the first that is a folder."""
+    return next((root / v for v in ("val", "validation", "test") if (root / v).is_dir()), None)
+
+
 def find_splits(root: str | Path) -> tuple[Path, Path]:
     """``root/train`` and ``root/val`` (``root/test`` is accepted for val, as in CIFAR-10 trees)."""
     root = Path(root)
@@ -215,7 +220,7 @@ def find_splits(root: str | Path) -> tuple[Path, Path]:
                 raise AlexNetError(f"data folder {root} is not a folder")
             raise AlexNetError(f"data folder {root} does not exist")
         train = root / "train"
-        val = next((root / v for v in ("val", "validation", "test") if (root / v).is_dir()), None)
+        val = val_folder(root)
         if train.is_dir() and val is not None:
             return train, val
         names = sorted(p.name for p in root.iterdir())

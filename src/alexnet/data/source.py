@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from alexnet.data import ilsvrc, store
-from alexnet.data.images import ImageFolderDataset, find_splits, scan_image_folder
+from alexnet.data.images import ImageFolderDataset, find_splits, scan_image_folder, val_folder
 from alexnet.data.loader import EpochBatchSampler, make_loader
 from alexnet.data.stats import DataStats, compute_stats
 from alexnet.data.store import StoreLoader, is_store, open_store
@@ -104,7 +104,7 @@ def open_eval_data(
             raise AlexNetError(f"store {root} has other classes than {classes_from}")
         split = store.split("val")
         return root, StoreLoader(split, EpochBatchSampler(len(split), batch_size, shuffle=False), device)
-    folder = next((root / s for s in ("val", "validation", "test") if (root / s).is_dir()), root)
+    folder = val_folder(root) or root
     images = scan_image_folder(folder, classes=classes)
     sampler = EpochBatchSampler(len(images), batch_size, shuffle=False)
     return folder, make_loader(ImageFolderDataset(images, image_size), sampler, workers)
