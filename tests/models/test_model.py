@@ -129,35 +129,39 @@ def test_lrn_training_path_matches_the_formula_and_its_gradient(convention, grou
 
 
 @pytest.mark.parametrize("size", [1, 3, 4, 5])
-def test_lrn_function_gradcheck_odd_and_even_windows(size):
-    from alexnet.models.alexnet import _LRNFunction
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_function_gradcheck_odd_and_even_windows(size, groups):
+    from alexnet.models.lrn import _LRNFunction
 
-    x = (torch.rand(2, 2, 6, 3, 2, dtype=torch.float64) * 4).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, size, 0.3, 0.75, 2.0), (x,))
+    x = (torch.rand(2, 12, 3, 2, dtype=torch.float64) * 4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, groups, size, 0.3, 0.75, 2.0), (x,))
 
 
 def test_lrn_training_path_in_channels_last_float32():
     x = (torch.rand(4, 16, 7, 7) * 20).contiguous(memory_format=torch.channels_last).requires_grad_()
     layer = LocalResponseNorm("paper", groups=2)
     y = layer(x)
-    with torch.no_grad():
-        torch.testing.assert_close(y, layer(x))  # the F.local_response_norm path
+    assert y.is_contiguous(memory_format=torch.channels_last)  # pool1 and conv2 get it as it is
+    ref = F.local_response_norm(x.detach().reshape(8, 8, 7, 7), 5, alpha=layer.alpha, beta=0.75, k=2.0)
+    torch.testing.assert_close(y.detach(), ref.reshape(4, 16, 7, 7))
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_lrn_training_path_under_bf16_autocast_keeps_float32_precision():
-    # The window sum runs in float32 (in bf16, k + sum moves in steps of 1/64): the training
-    # path matches the F.local_response_norm path, which autocast also runs in float32.
+def test_lrn_under_bf16_autocast_sums_in_float32_and_returns_bf16():
+    # The window sum runs in float32 (in bf16, k + sum moves in steps of 1/64) and the result
+    # is bf16 again, so pool1 and conv2 stay in bf16: the float32 formula to bf16 rounding.
     layer = LocalResponseNorm("paper", groups=2)
     x = (torch.rand(4, 96, 13, 13) * 20).to(torch.bfloat16).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
         with torch.no_grad():
             y_inference = layer(x)
-    assert y.dtype == y_inference.dtype == torch.float32
-    torch.testing.assert_close(y, y_inference, rtol=1e-3, atol=1e-5)
-    y.sum().backward()
+    assert y.dtype == y_inference.dtype == torch.bfloat16
+    ref = F.local_response_norm(x.detach().float().reshape(8, 48, 13, 13), 5, alpha=layer.alpha, beta=0.75, k=2.0)
+    torch.testing.assert_close(y.float(), ref.reshape(4, 96, 13, 13), rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(y, y_inference, rtol=0, atol=0)
+    y.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
 
 

@@ -30,21 +30,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from alexnet.errors import AlexNetError
+from alexnet.models.lrn import LRN_CONVENTIONS, LocalResponseNorm, _LRNFunction  # noqa: F401 (re-exported)
 
 MODEL_NAMES = ("paper", "torchvision")
-
-# LRN constants per convention: (k, alpha, beta, n, alpha divided by n?, per tower?).
-# Paper, section 3.3: k=2, n=5, alpha=1e-4, beta=0.75 and the sum is multiplied by
-# alpha itself. cuda-convnet (Krizhevsky's code) divides alpha by n; Caffe's
-# bvlc_alexnet divides by n, uses k=1 and normalises across the tower boundary.
-LRN_CONVENTIONS: dict[str, tuple[float, float, float, int, bool, bool]] = {
-    "paper": (2.0, 1e-4, 0.75, 5, False, True),
-    "cuda-convnet": (2.0, 1e-4, 0.75, 5, True, True),
-    "caffe": (1.0, 1e-4, 0.75, 5, True, False),
-}
 
 
 @dataclass
@@ -122,89 +112,6 @@ def model_config(name: str = "paper", num_classes: int = 1000, **options: Any) -
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise AlexNetError(f"unknown model option '{key}'{hint}")
     return ModelConfig(name=name, num_classes=num_classes, **options)
-
-
-def _window_sum(t: Tensor, before: int, after: int) -> Tensor:
-    """Sum over channels c-before .. c+after of (B, G, C, H, W), zero beyond each group's ends."""
-    c = t.shape[2]
-    padded = F.pad(t, (0, 0, 0, 0, before, after))
-    out = padded[:, :, 0:c].clone()
-    for i in range(1, before + after + 1):
-        out += padded[:, :, i : i + c]
-    return out
-
-
-class _LRNFunction(torch.autograd.Function):
-    """LRN with a hand-written backward, on (B, G, C, H, W): the window stays inside each G.
-
-    With s_c = k + alpha' sum_{j in W(c)} a_j^2 and b_c = a_c s_c^-beta,
-    dL/da_c = g_c s_c^-beta - 2 alpha' beta a_c sum_{j: c in W(j)} g_j a_j s_j^(-beta-1),
-    and c in W(j) is j in the mirrored window. Autograd through F.local_response_norm keeps
-    the square, the padded copy, the 3-D average pooling and the power and replays each
-    backward; this saves a and s only. Measured on the 2-core CPU (2026-11-24, torch 2.14.1,
-    float32, forward + backward, two towers): LRN1 (32, 96, 55, 55) 134 ms against 326 ms,
-    LRN2 (32, 256, 27, 27) 44 against 137 ms; the whole paper-net step 1.6-1.8x faster in
-    float32 and in bf16 (benchmarks/lrn_ab.py, paired). Equal to F.local_response_norm, gradients by
-    gradcheck (tests/models/test_model.py).
-
-    s is computed in float32 whatever the input (bf16 under autocast): in bf16, s = 2 + ...
-    moves in steps of 1/64, which rounds away much of LRN's few-percent effect (the
-    normalising factor was off by up to 1% on conv1-like input). The result is float32, as
-    F.local_response_norm's is under autocast (its average pooling runs in float32).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, a: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
-        a32 = a.to(torch.promote_types(a.dtype, torch.float32))  # float64 stays float64
-        s = _window_sum(a32 * a32, size // 2, (size - 1) // 2).mul_(alpha).add_(k)
-        ctx.save_for_backward(a, s)
-        ctx.size, ctx.alpha, ctx.beta = size, alpha, beta
-        return s.pow(-beta).mul_(a32)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        a, s = ctx.saved_tensors
-        a32, g32 = a.to(s.dtype), g.to(s.dtype)
-        p = s.pow(-ctx.beta)
-        t = (g32 * a32).mul_(p).div_(s)  # g_j a_j s_j^(-beta-1)
-        w = _window_sum(t, (ctx.size - 1) // 2, ctx.size // 2)
-        grad = torch.addcmul(p.mul_(g32), a32, w, value=-2 * ctx.alpha * ctx.beta)
-        return grad.to(a.dtype), None, None, None, None
-
-
-class LocalResponseNorm(nn.Module):
-    """b_c = a_c / (k + alpha' * sum_{j=c-n/2}^{c+n/2} a_j^2)^beta, the window clipped at the ends.
-
-    ``alpha' = alpha`` in the paper and ``alpha / n`` in cuda-convnet and Caffe. With
-    ``groups=2`` the window stays inside each tower's channels, as it did on each GPU.
-    Training uses :class:`_LRNFunction` (same values, a cheaper backward); without gradients
-    or under tracing, ``F.local_response_norm`` (which divides alpha by n, undone here), which
-    ONNX and TorchScript can export.
-    """
-
-    def __init__(self, convention: str = "paper", groups: int = 1) -> None:
-        super().__init__()
-        k, alpha, beta, n, divide_by_n, per_tower = LRN_CONVENTIONS[convention]
-        self.size, self.beta, self.k = n, beta, k
-        self.alpha = alpha if divide_by_n else alpha * n  # F.local_response_norm divides by n
-        self.groups = groups if per_tower else 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        # A TorchScript or ONNX graph cannot hold a Python autograd.Function: scripting skips
-        # this block, tracing takes the F.local_response_norm path below.
-        if not torch.jit.is_scripting():
-            if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
-                towers = x.unflatten(1, (self.groups, c // self.groups))
-                y = _LRNFunction.apply(towers, self.size, self.alpha / self.size, self.beta, self.k)
-                return y.flatten(1, 2)
-        x = x.reshape(b * self.groups, c // self.groups, h, w)
-        x = F.local_response_norm(x, self.size, alpha=self.alpha, beta=self.beta, k=self.k)
-        return x.reshape(b, c, h, w)
-
-    def extra_repr(self) -> str:
-        return f"size={self.size}, alpha={self.alpha} (per n), beta={self.beta}, k={self.k}, groups={self.groups}"
 
 
 class TowerConv2d(nn.Conv2d):
