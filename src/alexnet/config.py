@@ -155,6 +155,7 @@ class SpeedConfig:
     compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead | max-autotune | ...
     tower_convs: str = "auto"  # auto | grouped | split: the paper net's two-tower convolutions
     flush_denormal: str | bool = "auto"  # auto | on | off: denormal floats as zero on the CPU
+    conv1: str = "auto"  # auto | direct | space-to-depth: the paper net's conv1 (auto: direct, until a GPU says)
 
     def __post_init__(self) -> None:
         for key, allowed in (
@@ -164,6 +165,7 @@ class SpeedConfig:
             ("tower_convs", ("auto", "grouped", "split")),
             ("flush_denormal", SWITCH),
             ("compile_mode", ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
+            ("conv1", ("auto", "direct", "space-to-depth")),
         ):
             value = getattr(self, key)
             value = _SWITCH_WORDS.get(value.lower() if isinstance(value, str) else value, value)

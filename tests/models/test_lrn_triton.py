@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+
 from conftest import SUBPROCESS_ENV
 
 pytest.importorskip("triton")

@@ -7,6 +7,7 @@ model in float32 NCHW, cross-entropy, backward, PaperSGD.step.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -250,3 +251,87 @@ def test_cuda_compiled_bf16_step_learns() -> None:
     step, images, labels, gen = _cuda_step(resolve_options(SpeedConfig(), torch.device("cuda")))
     losses = [step(images, labels, gen)[0].item() for _ in range(30)]
     assert losses[-1] < losses[0]
+
+
+# --------------------------------------------------------------------------------------
+# conv1 as space-to-depth, and CUDA graphs (compile_mode=reduce-overhead)
+
+
+def test_space_to_depth_conv1_step_matches_the_foundation_step() -> None:
+    pre, batches = _pre(), [_batch(seed=s) for s in range(2)]
+    ref_model, our_model = _model(), _model()
+    ref_losses = _reference_steps(ref_model, pre, batches)
+    options = dataclasses.replace(FP32_NCHW, conv1="space-to-depth")
+    losses, _ = _our_steps(our_model, pre, batches, options)
+    assert our_model.conv1.impl == "space-to-depth"
+    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5)
+    for (name, a), b in zip(ref_model.state_dict().items(), our_model.state_dict().items()):
+        assert b[0] == name  # the same state_dict keys and shapes as a plain convolution
+        torch.testing.assert_close(b[1], a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_speed_conv1_resolves_auto_to_direct() -> None:
+    assert resolve_options(SpeedConfig(), CPU).conv1 == "direct"
+    assert resolve_options(SpeedConfig(conv1="space-to-depth"), CPU).conv1 == "space-to-depth"
+    with pytest.raises(AlexNetError, match="speed.conv1 must be one of"):
+        SpeedConfig(conv1="winograd")
+
+
+def test_graph_step_sends_a_partial_batch_through_the_eager_model() -> None:
+    # The routing of compile_mode=reduce-overhead without compiling: stand-ins record which
+    # forward ran. The full batches take the "graphed" one, the partial last batch the eager one.
+    model = _model()
+    step = TrainStep(model, PaperSGD(model.parameters(), lr=0.01), _pre(), FP32_NCHW, CPU)
+    calls: list[str] = []
+
+    def recorded(name: str, fn):
+        return lambda *a: (calls.append(name), fn(*a))[1]
+
+    step.graphs = True
+    step.forward, step.eager_forward = recorded("graphed", model), recorded("eager", model)
+    step.update, step.eager_update = recorded("graphed", step.optimizer.step), recorded("eager", step.optimizer.step)
+    gen = torch.Generator().manual_seed(0)
+    for n in (6, 6, 4):
+        images, labels = _batch(n)
+        step(images, labels, gen)
+    assert calls == ["graphed"] * 4 + ["eager"] * 2 and step.static_batch == 6
+
+
+@pytest.mark.slow
+def test_reduce_overhead_step_matches_eager_with_a_partial_last_batch() -> None:
+    """On the CPU Inductor runs without CUDA graphs; the routing and the values are what is checked."""
+    pre, batches = _pre(), [_batch(6, seed=0), _batch(6, seed=1), _batch(4, seed=2)]
+    eager, graphed = _model(), _model()
+    eager.dropout.p = graphed.dropout.p = 0.0
+    a, wa = _our_steps(eager, pre, batches, StepOptions("off", True, False, "grouped"))
+    b, wb = _our_steps(graphed, pre, batches, StepOptions("off", True, True, "grouped", compile_mode="reduce-overhead"))
+    assert b == pytest.approx(a, rel=1e-4) and wa == wb
+    for (name, p), q in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_matches_eager_and_never_waits() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    device = torch.device("cuda")
+    runs = []
+    for options in (
+        StepOptions("off", True, False, "grouped"),
+        StepOptions("off", True, True, "grouped", compile_mode="reduce-overhead"),
+    ):
+        model = _model().to(device)
+        model.dropout.p = 0.0
+        step = TrainStep(model, PaperSGD(model.parameters(), lr=0.01), _pre().to(device), options, device)
+        gen = torch.Generator(device).manual_seed(0)
+        batches = [tuple(t.to(device) for t in _batch(n, seed=i)) for i, n in enumerate((6, 6, 6, 4))]
+        losses = [step(*batches[0], gen)[0].clone()]  # records the graphs
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            losses += [step(images, labels, gen)[0].clone() for images, labels in batches[1:3]]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        losses.append(step(*batches[3], gen)[0].clone())
+        runs.append(torch.stack(losses).cpu())
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-3, atol=1e-4)

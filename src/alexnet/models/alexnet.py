@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alexnet.errors import AlexNetError
+from alexnet.models.conv1 import Conv1
 from alexnet.models.lrn import LRN_CONVENTIONS, LocalResponseNorm, _LRNFunction  # noqa: F401 (re-exported)
 
 MODEL_NAMES = ("paper", "torchvision")
@@ -169,7 +170,7 @@ class PaperAlexNet(nn.Module):
         self.lrn1 = LocalResponseNorm(cfg.lrn, g) if cfg.lrn != "none" else nn.Identity()
         self.lrn2 = LocalResponseNorm(cfg.lrn, g) if cfg.lrn != "none" else nn.Identity()
 
-        self.conv1 = nn.Conv2d(3, c1, cfg.conv1_kernel, cfg.conv1_stride, cfg.conv1_padding)
+        self.conv1 = Conv1(3, c1, cfg.conv1_kernel, cfg.conv1_stride, cfg.conv1_padding)  # direct or space-to-depth
         self.conv2 = TowerConv2d(c1, c2, 5, padding=2, groups=g)
         # A removed middle layer passes its input channels on to the next layer.
         self.conv3 = nn.Conv2d(c2, c3, 3, padding=1) if cfg.remove_conv != 3 else None

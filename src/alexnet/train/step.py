@@ -12,6 +12,12 @@ The switches of ``speed`` (config.SpeedConfig) change how the step is computed, 
   but its masks are not those of an eager run.
 * ``tower_convs``: the paper net's two-tower convolutions as grouped convolutions or as
   two convolutions per layer (model.TowerConv2d); same parameters, same function.
+* ``conv1``: the paper net's conv1 direct or as space-to-depth (models/conv1.py); same
+  parameters, same function. "auto" is direct until a GPU measurement says otherwise.
+* ``compile_mode=reduce-overhead``: CUDA graphs for the compiled forward, backward and
+  update (static shapes). The epoch's last, smaller batch runs eagerly instead: one batch an
+  epoch does not pay for another compilation and graph recording, and its loss and errors
+  are exactly those of the same batch through the eager step (tests/train/test_step.py).
 * ``flush_denormal``: on the CPU, treat denormal floats (below 1.2e-38) as zero
   (torch.set_flush_denormal, for the whole process). Arithmetic on denormals is
   microcoded and about 100x slower; some oneDNN paths produce them during training and
@@ -63,6 +69,7 @@ from alexnet.data.augment import Preprocess, train_batch
 from alexnet.errors import AlexNetError
 from alexnet.evaluate import topk_errors
 from alexnet.models.alexnet import set_tower_convs
+from alexnet.models.conv1 import set_conv1
 from alexnet.train.distributed import SINGLE, Dist
 
 log = logging.getLogger("alexnet")
@@ -78,6 +85,7 @@ class StepOptions:
     tower_convs: str  # "grouped" | "split"
     flush_denormal: bool = False
     compile_mode: str = "default"  # torch.compile(mode=...)
+    conv1: str = "direct"  # "direct" | "space-to-depth"
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,7 +141,9 @@ def resolve_options(cfg: SpeedConfig, device: torch.device, model: str = "paper"
         raise AlexNetError("speed.compile=on needs torch.compile's backend (Triton on CUDA, a C++ compiler on CPU)")
     tower_convs = "grouped" if cfg.tower_convs == "auto" else cfg.tower_convs
     flush = cfg.flush_denormal == "on" or (cfg.flush_denormal == "auto" and not cuda)
-    return StepOptions(amp, channels_last, compile_, tower_convs, flush, cfg.compile_mode)
+    # conv1: direct until a GPU measures space-to-depth faster (benchmarks/gpu.sh times both).
+    conv1 = "direct" if cfg.conv1 == "auto" else cfg.conv1
+    return StepOptions(amp, channels_last, compile_, tower_convs, flush, cfg.compile_mode, conv1)
 
 
 class TrainStep:
@@ -167,6 +177,7 @@ class TrainStep:
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         model.to(memory_format=self.memory_format)  # in place: parameters keep their identity
         set_tower_convs(model, options.tower_convs)
+        set_conv1(model, options.conv1)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if options.amp == "fp16" else None
@@ -189,6 +200,9 @@ class TrainStep:
         compile_ = functools.partial(torch.compile, dynamic=False, mode=options.compile_mode)
         self.forward = compile_(wrapped) if options.compile else wrapped
         self.update = compile_(optimizer.step) if options.compile and self.scaler is None else optimizer.step
+        self.eager_forward, self.eager_update = wrapped, optimizer.step
+        self.graphs = options.compile and options.compile_mode == "reduce-overhead"
+        self.static_batch: int | None = None  # the batch size the CUDA graphs were recorded for
 
     def __call__(
         self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None
@@ -205,6 +219,16 @@ class TrainStep:
     def model_step(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """The step on an already augmented float batch (what `alexnet bench` times as "model step")."""
         self.optimizer.zero_grad(set_to_none=True)
+        forward, update = self.forward, self.update
+        if self.graphs:
+            # CUDA graphs hold static shapes: the first batch size is the graphs'; any other
+            # (the epoch's partial last batch) runs eagerly, the same function.
+            self.static_batch = self.static_batch or len(labels)
+            if len(labels) != self.static_batch:
+                forward, update = self.eager_forward, self.eager_update
+            else:
+                # A new iteration: the previous step's graph outputs may be overwritten now.
+                torch.compiler.cudagraph_mark_step_begin()
         micro = [
             (xi, yi) for xi, yi in zip(x.tensor_split(self.accumulate), labels.tensor_split(self.accumulate)) if len(yi)
         ]
@@ -214,7 +238,7 @@ class TrainStep:
             sync = self.ddp is None or i == len(micro) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self.autocast():
-                    logits = self.forward(xi)
+                    logits = forward(xi)
                 if len(micro) == 1:
                     part = F.cross_entropy(logits.float(), yi)
                 else:  # each micro-batch weighted by its size: the mean over the whole share
@@ -233,7 +257,7 @@ class TrainStep:
             if self.skipped:
                 self.optimizer.zero_grad(set_to_none=True)
             else:
-                self.update()
+                update()
         return loss, wrong
 
 
