@@ -24,7 +24,7 @@ def test_tiny_bench_writes_all_fields(tmp_path: Path, capsys) -> None:
     args = [
         "bench", "--images", "12", "--source-size", "80x60", "--image-size", "72", "--crop-size", "64",
         "--batch-size", "4", "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--workers", "0",
-        "--store", str(tmp_path / "store"), "--json", str(out), "--no-progress",
+        "--store", str(tmp_path / "store"), "--json", str(out), "--no-progress", "--towers", "--repeats", "2",
     ]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -35,7 +35,8 @@ def test_tiny_bench_writes_all_fields(tmp_path: Path, capsys) -> None:
     }  # fmt: skip
     assert set(result["results"]) == expected
     for key, m in result["results"].items():
-        assert m["images_per_s"] > 0 and m["images"] == 4 and m["seconds"] > 0, key
+        assert m["images_per_s"] > 0 and m["images"] == 4 * 2 and m["seconds"] > 0, key  # 2 windows of 1 step
+        assert len(m["windows_images_per_s"]) == 2 and m["spread"] >= 0, key
         assert m["name"] in printed
     for key in ("ours_step", "ours_end_to_end", "reference_step", "reference_end_to_end"):
         m = result["results"][key]
@@ -58,6 +59,28 @@ def test_tiny_bench_writes_all_fields(tmp_path: Path, capsys) -> None:
     env = result["environment"]
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["date"]
     assert result["options"] == resolve_options(SpeedConfig(), torch.device("cpu")).as_dict()
+
+
+def test_bench_json_holds_each_part_as_it_finishes(tmp_path: Path, monkeypatch) -> None:
+    # The parts reported through on_part grow one by one, and a run that dies after the step
+    # still leaves the data and step figures in the --json file.
+    from alexnet.bench import run as run_mod
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("time limit")
+
+    monkeypatch.setattr(run_mod, "_ours_end_to_end_arm", fail)
+    out = tmp_path / "bench.json"
+    args = [
+        "bench", "--images", "12", "--source-size", "80x60", "--image-size", "72", "--crop-size", "64",
+        "--batch-size", "4", "--steps", "1", "--warmup", "0", "--workers", "0", "--repeats", "1",
+        "--store", str(tmp_path / "store"), "--json", str(out), "--no-progress",
+    ]  # fmt: skip
+    with pytest.raises(RuntimeError, match="time limit"):
+        main(args)
+    partial = json.loads(out.read_text())
+    assert partial["partial"] is True
+    assert set(partial["results"]) == {"ours_data", "reference_data", "ours_step", "reference_step"}
 
 
 def test_flops_of_torchvision_alexnet_match_its_published_count() -> None:

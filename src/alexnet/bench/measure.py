@@ -3,10 +3,21 @@
 Timing brackets every measured region with device synchronisation, after warm-up calls
 (which absorb torch.compile, cuDNN autotuning and worker start-up), so a CUDA
 measurement times the work and not only its queueing.
+
+A figure is the median of ``repeats`` windows, and figures meant to be compared are timed
+window by window in turn (ours, reference, ours, ...: :func:`interleaved`), so a machine
+that speeds up or slows down mid-run moves both sides. On a GPU a window lasts at least
+2 s (50-step windows took 0.17-0.48 s on an H100 and the same code measured 21k and 37k
+images/s three minutes apart, 2026-11-24); the window's step count is set once from the
+warm-up's pace. Each arm may drain before each of its windows (the reference's DataLoader
+fills its prefetch queue while the other side runs; timing from a full queue measured its
+end to end above its own data path).
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +50,8 @@ class BenchConfig:
     baseline: bool = True
     towers: bool = True  # also time the paper net's split tower convolutions
     progress: bool = True
+    repeats: int = 3  # windows per figure (median and spread reported)
+    min_window_s: float | None = None  # None: 2 s on a GPU, 0 on the CPU (whose steps are long already)
 
     def __post_init__(self) -> None:
         # Refused before anything is generated or prepared: zero steps would divide by zero
@@ -50,6 +63,8 @@ class BenchConfig:
         for name, value in sizes.items():
             if value < 1:
                 raise AlexNetError(f"bench {name} must be 1 or more; got {value}")
+        if self.repeats < 1:
+            raise AlexNetError(f"bench repeats must be 1 or more; got {self.repeats}")
         if self.warmup < 0:
             raise AlexNetError(f"bench warmup must be 0 or more; got {self.warmup}")
         if self.crop_size > self.image_size:
@@ -122,3 +137,100 @@ def endless(loader: Any) -> Iterator[Any]:
     """A loader's batches, epoch after epoch (a DataLoader with shuffle reshuffles each time)."""
     while True:
         yield from loader
+
+
+# `alexnet bench` on a 2-core CPU: the paper net's step at batch 128 takes ~25 s there, so
+# the GPU-sized defaults ran over ten minutes; these finish in about two (benchmarks/RESULTS.md).
+CPU_DEFAULTS: dict[str, Any] = {"images": 256, "batch_size": 16, "steps": 2, "warmup": 1, "towers": False}
+GPU_MIN_WINDOW_S = 2.0
+
+
+@dataclass
+class Arm:
+    """One side of an interleaved timing: ``run`` does one step of ``images`` images; ``drain``
+    (untimed) runs before each window."""
+
+    run: Callable[[], Any]
+    images: int
+    drain: Callable[[], Any] | None = None
+
+
+@dataclass
+class Windows:
+    """The windows of one arm: images/s of each, their median and spread (max - min over median)."""
+
+    images_per_s: list[float]
+    steps: int
+    seconds: float = 0.0
+    images: int = 0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.images_per_s)
+
+    @property
+    def spread(self) -> float:
+        return (max(self.images_per_s) - min(self.images_per_s)) / self.median
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "windows_images_per_s": [round(v, 3) for v in self.images_per_s],
+            "window_steps": self.steps,
+            "spread": self.spread,
+        }
+
+
+def window_steps(seconds_per_step: float, min_steps: int, min_seconds: float, max_steps: int = 100_000) -> int:
+    """Steps per window: at least ``min_steps``, and enough to last ``min_seconds`` at the measured pace."""
+    if min_seconds <= 0 or seconds_per_step <= 0:
+        return min_steps
+    return min(max_steps, max(min_steps, math.ceil(min_seconds / seconds_per_step)))
+
+
+def interleaved(
+    arms: dict[str, Arm],
+    steps: int,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    min_seconds: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
+    on_window: Callable[[str, float], None] | None = None,
+) -> dict[str, Windows]:
+    """Time the arms window by window in rotation (round r starts at arm r mod len): the median of
+    ``repeats`` windows each. Warm-up calls also set each arm's window length (:func:`window_steps`)."""
+    names = list(arms)
+    per_window: dict[str, int] = {}
+    for name, arm in arms.items():
+        for _ in range(max(warmup - 1, 0)):
+            arm.run()
+        sync(device)
+        start = clock()
+        arm.run()  # the last warm-up call, timed: the pace that sizes the window
+        sync(device)
+        per_window[name] = window_steps(clock() - start, steps, min_seconds)
+    out = {name: Windows([], per_window[name]) for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            arm, n = arms[name], per_window[name]
+            if arm.drain is not None:
+                arm.drain()
+            sync(device)
+            start = clock()
+            for _ in range(n):
+                arm.run()
+            sync(device)
+            seconds = clock() - start
+            out[name].images_per_s.append(arm.images * n / seconds)
+            out[name].seconds += seconds
+            out[name].images += arm.images * n
+            if on_window is not None:
+                on_window(name, out[name].images_per_s[-1])
+    return out
+
+
+def min_window(bc: BenchConfig, device: torch.device) -> float:
+    """The shortest window: ``bc.min_window_s``, else 2 s on a GPU and none on the CPU."""
+    if bc.min_window_s is not None:
+        return bc.min_window_s
+    return GPU_MIN_WINDOW_S if device.type == "cuda" else 0.0

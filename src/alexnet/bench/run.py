@@ -10,6 +10,7 @@ each is seen alone.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ from typing import Any
 import torch
 
 from alexnet.bench.flops import device_peak, fp32_kind, step_flops
-from alexnet.bench.measure import BenchConfig, Measurement, cycle, timed
-from alexnet.bench.reference import measure_reference
+from alexnet.bench.measure import Arm, BenchConfig, Measurement, Windows, cycle, interleaved, min_window
+from alexnet.bench.reference import reference_arms
 from alexnet.bench.report import pct, summarise
 from alexnet.data.augment import make_preprocess, train_batch
 from alexnet.data.loader import EpochBatchSampler, resolve_workers
@@ -44,30 +45,41 @@ def our_step(
     return TrainStep(model, optimizer, pre, options, device)
 
 
-def measure_model_step(
-    name: str,
-    label: str,
-    step: TrainStep,
-    bc: BenchConfig,
-    batch: int,
-    classes: int,
-    device: torch.device,
-    options: StepOptions,
-    override: float | None,
-) -> Measurement:
-    """The model step alone, on a random batch already on the device, with its FLOPs and MFU."""
+def _step_arm(step: TrainStep, bc: BenchConfig, batch: int, classes: int, device: torch.device) -> tuple[Arm, float]:
+    """The model step alone, on a random batch already on the device; and its FLOPs per image."""
     x = torch.randn(batch, 3, bc.crop_size, bc.crop_size, device=device).contiguous(memory_format=step.memory_format)
     y = torch.randint(0, classes, (batch,), device=device)
-    flops = step_flops(step.model, x, y)
-    seconds = timed(lambda: step.model_step(x, y), bc.steps, bc.warmup, device)
+    return Arm(lambda: step.model_step(x, y), batch), step_flops(step.model, x, y) / batch
+
+
+def _measurement(
+    label: str, w: Windows, flops: float | None = None, peak: tuple = (None, None, None), **extra: Any
+) -> Measurement:
+    """A figure from its windows: the median images/s, all the windows' seconds and images."""
+    dtype, peak_flops, source = peak
+    n = w.images
+    return Measurement(label, w.median, w.seconds, n, flops, dtype, peak_flops, source, {**w.as_dict(), **extra})
+
+
+def _peak(options: StepOptions, device: torch.device, override: float | None) -> tuple[str, float | None, str | None]:
     peak, source = device_peak(device, options.amp if options.amp != "off" else fp32_kind(device), override)
-    return Measurement(
-        label, batch * bc.steps / seconds, seconds, batch * bc.steps, flops / batch, options.amp, peak, source,
-        {"model": name, "batch_size": batch, "options": options.as_dict(), "parameters": count_parameters(step.model)},
+    return options.amp, peak, source
+
+
+def measure_model_step(
+    name: str, label: str, step: TrainStep, bc: BenchConfig, batch: int, classes: int,
+    device: torch.device, options: StepOptions, override: float | None,
+) -> Measurement:  # fmt: skip
+    """The model step alone (:func:`_step_arm`), its median over ``bc.repeats`` windows, FLOPs and MFU."""
+    arm, flops = _step_arm(step, bc, batch, classes, device)
+    w = interleaved({label: arm}, bc.steps, bc.warmup, bc.repeats, device, min_window(bc, device))[label]
+    return _measurement(
+        label, w, flops, _peak(options, device, override),
+        model=name, batch_size=batch, options=options.as_dict(), parameters=count_parameters(step.model),
     )  # fmt: skip
 
 
-def _ours_data(split: Any, pre: Any, bc: BenchConfig, device: torch.device) -> Measurement:
+def _ours_data_arm(split: Any, pre: Any, bc: BenchConfig, device: torch.device) -> tuple[Arm, Any]:
     """Store batches onto the device and through the paper's augmentation; no model."""
     sampler = EpochBatchSampler(len(split), bc.batch_size, shuffle=True, seed=0)
     gen = torch.Generator(device).manual_seed(0)
@@ -77,16 +89,11 @@ def _ours_data(split: Any, pre: Any, bc: BenchConfig, device: torch.device) -> M
         batch = next(batches)
         train_batch(batch.images.to(device, non_blocking=True), pre, generator=gen)
 
-    seconds = timed(data_only, bc.steps, bc.warmup, device)
-    batches.close()
-    n = bc.batch_size * bc.steps
-    return Measurement("ours: data", n / seconds, seconds, n)
+    return Arm(data_only, bc.batch_size), batches
 
 
-def _ours_end_to_end(
-    split: Any, step: TrainStep, bc: BenchConfig, device: torch.device, like: Measurement
-) -> Measurement:
-    """Store batches through augmentation and the training step; FLOPs and peak as ``like``'s."""
+def _ours_end_to_end_arm(split: Any, step: TrainStep, bc: BenchConfig, device: torch.device) -> tuple[Arm, Any]:
+    """Store batches through augmentation and the training step."""
     sampler = EpochBatchSampler(len(split), bc.batch_size, shuffle=True, seed=1)
     gen = torch.Generator(device).manual_seed(1)
     batches = cycle(StoreLoader(split, sampler, device), sampler)
@@ -95,12 +102,7 @@ def _ours_end_to_end(
         batch = next(batches)
         step(batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True), gen)
 
-    seconds = timed(end_to_end, bc.steps, bc.warmup, device)
-    batches.close()
-    n = bc.batch_size * bc.steps
-    return Measurement(
-        "ours: end to end", n / seconds, seconds, n, like.flops_per_image, like.dtype, like.peak_flops, like.peak_source
-    )
+    return Arm(end_to_end, bc.batch_size), batches
 
 
 def _source_images(bc: BenchConfig, workers: int) -> Path:
@@ -142,8 +144,16 @@ def _variants(
     return results
 
 
-def run_bench(bc: BenchConfig) -> dict[str, Any]:
-    """Every measurement of the package docstring (alexnet.bench); returns the JSON-ready results."""
+def _paired(bc: BenchConfig, device: torch.device, arms: dict[str, Arm]) -> dict[str, Windows]:
+    """Ours and the reference's arm, window by window in turn."""
+    return interleaved(arms, bc.steps, bc.warmup, bc.repeats, device, min_window(bc, device))
+
+
+def run_bench(bc: BenchConfig, on_part: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every measurement of the package docstring (alexnet.bench); returns the JSON-ready results.
+
+    ``on_part`` gets the measurements so far after each part (data, steps, end to end, the
+    variants), so a run stopped by a time limit keeps what it measured (``--json``)."""
     device = resolve_device(bc.device)
     workers = resolve_workers(bc.workers)
     root = _source_images(bc, workers)
@@ -164,21 +174,59 @@ def run_bench(bc: BenchConfig) -> dict[str, Any]:
     log.info("device %s; our step: %s", device, options.as_dict())
     results: dict[str, Measurement] = {}
 
-    results["ours_data"] = _ours_data(split, pre, bc, device)
-    log.info("ours data path: %.1f images/s", results["ours_data"].images_per_s)
+    logged: set[str] = set()
 
-    step = our_step(bc.model, classes, bc, options, pre, device)
-    by_batch = []
-    for batch_size in sorted({bc.batch_size, *bc.batch_sizes}):
-        m = measure_model_step(bc.model, "ours: step", step, bc, batch_size, classes, device, options, bc.peak_tflops)
-        by_batch.append(m)
-        log.info("ours step (%s, batch %d): %.1f images/s, MFU %s", bc.model, batch_size, m.images_per_s, pct(m.mfu))
-    results["ours_step"] = next(m for m in by_batch if m.extra["batch_size"] == bc.batch_size)
-    results["ours_end_to_end"] = _ours_end_to_end(split, step, bc, device, results["ours_step"])
-    log.info("ours end to end: %.1f images/s", results["ours_end_to_end"].images_per_s)
+    def part_done() -> None:
+        for m in (m for key, m in results.items() if key not in logged):
+            log.info("%s: %.1f images/s (spread %.2f)", m.name, m.images_per_s, m.extra.get("spread", 0.0))
+        logged.update(results)
+        if on_part is not None:
+            on_part({"partial": True, "results": {k: {"name": m.name, **m.as_dict()} for k, m in results.items()}})
+
+    ref = reference_arms(root, classes, bc, workers, device) if bc.baseline else None
+    try:
+        # 1. The data paths, ours and the reference's in turn.
+        data_arm, ours_batches = _ours_data_arm(split, pre, bc, device)
+        w = _paired(bc, device, {"ours": data_arm, **({"reference": ref.data} if ref else {})})
+        ours_batches.close()
+        results["ours_data"] = _measurement("ours: data", w["ours"])
+        if ref:
+            results["reference_data"] = ref.measurement("reference: data", w["reference"], False)
+        part_done()
+
+        # 2. The model step at each batch size; at the main one, in turn with the reference's.
+        step = our_step(bc.model, classes, bc, options, pre, device)
+        peak = _peak(options, device, bc.peak_tflops)
+        extra = {"model": bc.model, "options": options.as_dict(), "parameters": count_parameters(step.model)}
+        by_batch = []
+        for batch_size in sorted({bc.batch_size, *bc.batch_sizes}):
+            arm, flops = _step_arm(step, bc, batch_size, classes, device)
+            paired = ref is not None and batch_size == bc.batch_size
+            w = _paired(bc, device, {"ours": arm, **({"reference": ref.step} if paired else {})})
+            by_batch.append(_measurement("ours: step", w["ours"], flops, peak, batch_size=batch_size, **extra))
+            if paired:
+                results["reference_step"] = ref.measurement("reference: step", w["reference"], True)
+                results["reference_step"].extra["model"] = "torchvision.models.alexnet"
+            m = by_batch[-1]
+            log.info(
+                "ours step (%s, batch %d): %.1f images/s, MFU %s", bc.model, batch_size, m.images_per_s, pct(m.mfu)
+            )
+        results["ours_step"] = next(m for m in by_batch if m.extra["batch_size"] == bc.batch_size)
+        part_done()
+
+        # 3. End to end, ours and the reference's in turn (the reference drained before each window).
+        e2e_arm, ours_batches = _ours_end_to_end_arm(split, step, bc, device)
+        w = _paired(bc, device, {"ours": e2e_arm, **({"reference": ref.end_to_end} if ref else {})})
+        ours_batches.close()
+        like = results["ours_step"]
+        results["ours_end_to_end"] = _measurement("ours: end to end", w["ours"], like.flops_per_image, peak)
+        if ref:
+            results["reference_end_to_end"] = ref.measurement("reference: end to end", w["reference"], True)
+        part_done()
+    finally:
+        if ref is not None:
+            ref.close()
     results.update(_variants(bc, options, classes, pre, device))
-
-    if bc.baseline:
-        results.update(measure_reference(root, classes, bc, workers, device))
+    part_done()
     best = max(by_batch, key=lambda m: m.images_per_s)
     return summarise(bc, device, options, report.as_dict(), store_path, results, best, by_batch)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +16,21 @@ def register(sub: Any) -> None:
     )
     b.add_argument("--data", help="an ImageFolder root (train/, val/); default: generated ImageNet-sized JPEGs")
     b.add_argument("--store", help="where its prepared store is or goes (default: beside the data)")
-    b.add_argument("--images", type=int, default=2000, help="generated training images (default 2000)")
+    b.add_argument("--images", type=int, help="generated training images (default 2000; 256 on the CPU)")
     b.add_argument(
         "--source-size", default="500x375", help="WxH of the generated JPEGs (default 500x375, ImageNet-like)"
     )
     b.add_argument("--image-size", type=int, default=256)
     b.add_argument("--crop-size", type=int, default=224)
-    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--batch-size", type=int, help="default 128; 16 on the CPU")
     b.add_argument("--batch-sizes", default="", help="more batch sizes for the model step, e.g. 256,512")
-    b.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    b.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
+    b.add_argument("--steps", type=int, help="least timed steps per window (default 20; 2 on the CPU)")
+    b.add_argument("--warmup", type=int, help="untimed steps before each measurement (default 5; 1 on the CPU)")
+    b.add_argument("--repeats", type=int, default=3, help="windows per figure, interleaved with the reference's")
+    b.add_argument("--min-window", type=float, help="shortest window in seconds (default 2 on a GPU, none on the CPU)")
+    b.add_argument(
+        "--towers", action=argparse.BooleanOptionalAction, help="also time split towers (default: on a GPU only)"
+    )
     b.add_argument("--model", choices=("paper", "torchvision"), default="paper")
     b.add_argument("--device", default="auto")
     b.add_argument(
@@ -45,6 +49,9 @@ def register(sub: Any) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from alexnet import config as config_lib
     from alexnet.bench import BenchConfig, format_report, run_bench
+    from alexnet.bench.measure import CPU_DEFAULTS
+    from alexnet.files import write_json
+    from alexnet.runtime import resolve_device
 
     overrides = config_lib.parse_assignments(args.set)
     if any(not key.startswith("speed.") for key in overrides):
@@ -59,17 +66,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError
     except ValueError:
         raise AlexNetError(f"--source-size takes WIDTHxHEIGHT, e.g. 500x375; got {args.source_size!r}") from None
+    # Sizes not given come from the device: the GPU-sized ones ran over ten minutes on a 2-core CPU.
+    cpu = resolve_device(args.device).type == "cpu"
+    sizes = {"images": 2000, "batch_size": 128, "steps": 20, "warmup": 5, "towers": True}
+    sizes |= CPU_DEFAULTS if cpu else {}
+    sizes |= {k: getattr(args, k) for k in sizes if getattr(args, k) is not None}
     bc = BenchConfig(
         data=args.data,
         store=args.store,
-        images=args.images,
+        images=sizes["images"],
         source_size=source_size,
         image_size=args.image_size,
         crop_size=args.crop_size,
-        batch_size=args.batch_size,
+        batch_size=sizes["batch_size"],
         batch_sizes=batch_sizes,
-        steps=args.steps,
-        warmup=args.warmup,
+        steps=sizes["steps"],
+        warmup=sizes["warmup"],
         model=args.model,
         device=args.device,
         workers=args.workers,
@@ -77,9 +89,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         peak_tflops=args.peak_tflops,
         baseline=not args.no_baseline,
         progress=not args.no_progress,
+        towers=sizes["towers"],
+        repeats=args.repeats,
+        min_window_s=args.min_window,
     )
-    result = run_bench(bc)
+    # The JSON is rewritten after each part: a run stopped by a time limit keeps what it measured.
+    result = run_bench(bc, (lambda part: write_json(Path(args.json), part, indent=2)) if args.json else None)
     print(format_report(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(Path(args.json), result, indent=2)
     return 0

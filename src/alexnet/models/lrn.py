@@ -57,9 +57,24 @@ def window_sum(t: Tensor, groups: int, before: int, after: int) -> Tensor:
     of the loop it succeeds (benchmarks/RESULTS.md, "LRN window" for the A/B). Autocast is
     off inside: a bf16 convolution would round the squares the float32 sum exists to keep.
     """
+    if t.device.type == "meta":
+        # Shapes only (bench.flops.step_flops counts on meta tensors): additions, so that the
+        # band's 0/1 products are not counted as the model's FLOPs.
+        return _window_sum_added(t, groups, before, after)
     weight = _band(t.shape[1], groups, before, after, t.dtype, t.device)
     with torch.autocast(t.device.type, enabled=False):
         return F.conv2d(t, weight)
+
+
+def _window_sum_added(t: Tensor, groups: int, before: int, after: int) -> Tensor:
+    """:func:`window_sum` as a pad and n-1 additions on the (B, G, C/G, H, W) view."""
+    towers = t.unflatten(1, (groups, t.shape[1] // groups))
+    c = towers.shape[2]
+    padded = F.pad(towers, (0, 0, 0, 0, before, after))
+    out = padded[:, :, 0:c].clone()
+    for i in range(1, before + after + 1):
+        out += padded[:, :, i : i + c]
+    return out.flatten(1, 2)
 
 
 def lrn_reference(x: Tensor, groups: int, size: int, alpha: float, beta: float, k: float) -> tuple[Tensor, Tensor]:
