@@ -141,7 +141,7 @@ def endless(loader: Any) -> Iterator[Any]:
 
 # `alexnet bench` on a 2-core CPU: the paper net's step at batch 128 takes ~25 s there, so
 # the GPU-sized defaults ran over ten minutes; these finish in about two (benchmarks/RESULTS.md).
-CPU_DEFAULTS: dict[str, Any] = {"images": 256, "batch_size": 16, "steps": 2, "warmup": 1, "towers": False}
+CPU_DEFAULTS: dict[str, Any] = {"images": 256, "batch_size": 16, "steps": 2, "warmup": 1, "towers": False, "repeats": 2}
 GPU_MIN_WINDOW_S = 2.0
 
 

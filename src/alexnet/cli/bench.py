@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
     b.add_argument("--batch-sizes", default="", help="more batch sizes for the model step, e.g. 256,512")
     b.add_argument("--steps", type=int, help="least timed steps per window (default 20; 2 on the CPU)")
     b.add_argument("--warmup", type=int, help="untimed steps before each measurement (default 5; 1 on the CPU)")
-    b.add_argument("--repeats", type=int, default=3, help="windows per figure, interleaved with the reference's")
+    b.add_argument("--repeats", type=int, help="windows per figure, interleaved with the reference's (3; 2 on the CPU)")
     b.add_argument("--min-window", type=float, help="shortest window in seconds (default 2 on a GPU, none on the CPU)")
     b.add_argument(
         "--towers", action=argparse.BooleanOptionalAction, help="also time split towers (default: on a GPU only)"
@@ -68,7 +68,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise AlexNetError(f"--source-size takes WIDTHxHEIGHT, e.g. 500x375; got {args.source_size!r}") from None
     # Sizes not given come from the device: the GPU-sized ones ran over ten minutes on a 2-core CPU.
     cpu = resolve_device(args.device).type == "cpu"
-    sizes = {"images": 2000, "batch_size": 128, "steps": 20, "warmup": 5, "towers": True}
+    sizes = {"images": 2000, "batch_size": 128, "steps": 20, "warmup": 5, "towers": True, "repeats": 3}
     sizes |= CPU_DEFAULTS if cpu else {}
     sizes |= {k: getattr(args, k) for k in sizes if getattr(args, k) is not None}
     bc = BenchConfig(
@@ -90,7 +90,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         baseline=not args.no_baseline,
         progress=not args.no_progress,
         towers=sizes["towers"],
-        repeats=args.repeats,
+        repeats=sizes["repeats"],
         min_window_s=args.min_window,
     )
     # The JSON is rewritten after each part: a run stopped by a time limit keeps what it measured.
