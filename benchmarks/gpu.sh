@@ -14,7 +14,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ALEXNET_CACHE=${ALEXNET_CACHE:-/tmp/alexnet-cache}
 # One Inductor cache for all parts: the bench's compiled graphs are reused by gpu_steps.py.
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/alexnet-inductor}
-python3 -c 'import alexnet' 2>/dev/null || export PYTHONPATH=$PWD/src
+# This checkout's package, whatever else is installed (no network there: nothing is installed).
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 
 if [ "$SMOKE" = 1 ]; then
     export CUDA_VISIBLE_DEVICES=
