@@ -20,7 +20,10 @@ the device's dense peak for the dtype the step computes in (table below; CPU pea
 estimates from core count, clock and vector width, and say so).
 
 Timing brackets every measured region with device synchronisation, after warm-up steps
-(which absorb torch.compile, cuDNN autotuning and worker start-up).
+(which absorb torch.compile, cuDNN autotuning and worker start-up). Each figure is the
+median of several windows (>= 2 s each on a GPU), timed in turn with the reference's
+(ours, reference, ours, ...), the reference's DataLoader drained of its prefetch queue
+before each of its windows; ``--json`` is rewritten after each part (bench/measure.py).
 
 Modules: measure (the settings, one measurement, timing), flops (FLOPs and peaks),
 reference (the baseline), run (our side and the run of both), report (the record and
