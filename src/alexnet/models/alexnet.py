@@ -317,13 +317,22 @@ class PaperAlexNet(nn.Module):
         return self.pool(x)  # pool5 (B, 256, 6, 6)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """fc7 activations (B, 4096): the feature space of the paper's Figure 4 retrievals."""
-        x = torch.flatten(self.forward_conv(x), 1)  # (B, 9216)
+        """The last convolutional map, as timm names it: pool5 (B, 256, 6, 6)."""
+        return self.forward_conv(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """pool5 map -> logits (B, num_classes), or with ``pre_logits`` the fc7 vector (B, 4096)."""
+        x = torch.flatten(x, 1)  # (B, 9216)
         x = self.dropout(self.act(self.fc6(x)))  # (B, 4096)
-        return self.act(self.fc7(x))  # (B, 4096)
+        x = self.act(self.fc7(x))  # (B, 4096)
+        return x if pre_logits else self.fc8(self.dropout(x))  # logits (B, num_classes)
+
+    def fc7_features(self, x: Tensor) -> Tensor:
+        """fc7 activations (B, 4096): the feature space of the paper's Figure 4 retrievals."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc8(self.dropout(self.forward_features(x)))  # logits (B, num_classes)
+        return self.forward_head(self.forward_features(x))
 
 
 class TorchvisionAlexNet(nn.Module):
@@ -364,12 +373,20 @@ class TorchvisionAlexNet(nn.Module):
         self.feature_shape = (256, 6, 6)
 
     def forward_features(self, x: Tensor) -> Tensor:
+        """The last convolutional map after avgpool: (B, 256, 6, 6)."""
+        return self.avgpool(self.features(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, 256, 6, 6) -> logits, or with ``pre_logits`` the fc7 vector (B, 4096)."""
+        x = self.classifier[:6](torch.flatten(x, 1))
+        return x if pre_logits else self.classifier[6](x)
+
+    def fc7_features(self, x: Tensor) -> Tensor:
         """fc7 activations (B, 4096)."""
-        x = torch.flatten(self.avgpool(self.features(x)), 1)
-        return self.classifier[:6](x)
+        return self.forward_head(self.forward_features(x), pre_logits=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier[6](self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
 
 
 AlexNet = PaperAlexNet | TorchvisionAlexNet
