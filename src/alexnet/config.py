@@ -131,9 +131,12 @@ class RunConfig:
     progress: bool = True  # a progress bar per epoch (stderr)
     checkpoint_every: int = 0  # also checkpoint every this many steps inside an epoch; 0: at epoch ends only
     keep_checkpoints: int = 2  # history in checkpoints/step-N.pt besides last.pt and best.pt; 0: none
+    # TensorBoard step/train_loss, step/lr, step/images_per_s every this many steps (0: per epoch only);
+    # the loss is read back from the device only then.
+    log_every_steps: int = 50
 
     def __post_init__(self) -> None:
-        for key in ("checkpoint_every", "keep_checkpoints"):
+        for key in ("checkpoint_every", "keep_checkpoints", "log_every_steps"):
             if getattr(self, key) < 0:
                 raise AlexNetError(f"run.{key} must be 0 or more; got {getattr(self, key)}")
 

@@ -269,12 +269,10 @@ def _worker_run(name: str, job: Any) -> dict[str, Any]:
 
 
 def pyplot() -> Any:
-    import matplotlib
+    from alexnet.extras import require
 
-    matplotlib.use("Agg")  # files only; no display on training machines
-    import matplotlib.pyplot as plt
-
-    return plt
+    require("matplotlib", "the experiments' figures").use("Agg")  # files only; no display on training machines
+    return require("matplotlib.pyplot", "the experiments' figures")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

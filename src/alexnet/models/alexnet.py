@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from alexnet.errors import AlexNetError
+from alexnet.models.interface import InferenceInterface
 
 MODEL_NAMES = ("paper", "torchvision")
 
@@ -248,7 +249,7 @@ def _even(channels: float) -> int:
     return max(2, 2 * round(channels / 2))
 
 
-class PaperAlexNet(nn.Module):
+class PaperAlexNet(InferenceInterface, nn.Module):
     """The paper's network (Figure 2). Shapes in comments are for the defaults at 224x224."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -317,16 +318,25 @@ class PaperAlexNet(nn.Module):
         return self.pool(x)  # pool5 (B, 256, 6, 6)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """fc7 activations (B, 4096): the feature space of the paper's Figure 4 retrievals."""
-        x = torch.flatten(self.forward_conv(x), 1)  # (B, 9216)
+        """The last convolutional map, as timm names it: pool5 (B, 256, 6, 6)."""
+        return self.forward_conv(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """pool5 map -> logits (B, num_classes), or with ``pre_logits`` the fc7 vector (B, 4096)."""
+        x = torch.flatten(x, 1)  # (B, 9216)
         x = self.dropout(self.act(self.fc6(x)))  # (B, 4096)
-        return self.act(self.fc7(x))  # (B, 4096)
+        x = self.act(self.fc7(x))  # (B, 4096)
+        return x if pre_logits else self.fc8(self.dropout(x))  # logits (B, num_classes)
+
+    def fc7_features(self, x: Tensor) -> Tensor:
+        """fc7 activations (B, 4096): the feature space of the paper's Figure 4 retrievals."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc8(self.dropout(self.forward_features(x)))  # logits (B, num_classes)
+        return self.forward_head(self.forward_features(x))
 
 
-class TorchvisionAlexNet(nn.Module):
+class TorchvisionAlexNet(InferenceInterface, nn.Module):
     """torchvision's AlexNet: one tower, 64-192-384-256-256 kernels, no LRN, dropout before fc6/fc7.
 
     Module indices match ``torchvision.models.alexnet`` so its state_dict keys
@@ -364,12 +374,20 @@ class TorchvisionAlexNet(nn.Module):
         self.feature_shape = (256, 6, 6)
 
     def forward_features(self, x: Tensor) -> Tensor:
+        """The last convolutional map after avgpool: (B, 256, 6, 6)."""
+        return self.avgpool(self.features(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, 256, 6, 6) -> logits, or with ``pre_logits`` the fc7 vector (B, 4096)."""
+        x = self.classifier[:6](torch.flatten(x, 1))
+        return x if pre_logits else self.classifier[6](x)
+
+    def fc7_features(self, x: Tensor) -> Tensor:
         """fc7 activations (B, 4096)."""
-        x = torch.flatten(self.avgpool(self.features(x)), 1)
-        return self.classifier[:6](x)
+        return self.forward_head(self.forward_features(x), pre_logits=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier[6](self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
 
 
 AlexNet = PaperAlexNet | TorchvisionAlexNet
@@ -379,10 +397,23 @@ def build_model(cfg: ModelConfig) -> AlexNet:
     return PaperAlexNet(cfg) if cfg.name == "paper" else TorchvisionAlexNet(cfg)
 
 
-def create_model(name: str = "paper", num_classes: int = 1000, **options: Any) -> AlexNet:
+def create_model(name: str = "paper", num_classes: int = 1000, weights: Any = None, **options: Any) -> AlexNet:
     """``create_model("paper")``, ``create_model("torchvision")``, or with ablation options,
-    e.g. ``create_model("paper", 10, lrn="none", towers=1, pooling="non-overlap")``."""
-    return build_model(model_config(name, num_classes, **options))
+    e.g. ``create_model("paper", 10, lrn="none", towers=1, pooling="non-overlap")``.
+
+    ``weights="torchvision:IMAGENET1K_V1"`` (or ``AlexNet_Weights.IMAGENET1K_V1``) gives
+    torchvision's network with its published weights, downloaded once into torch.hub's cache,
+    in eval mode, with their ``.transforms()`` and ``.meta`` (tools/named_weights.py)."""
+    if weights is None:
+        return build_model(model_config(name, num_classes, **options))
+    if name != "torchvision" or num_classes != 1000 or options:
+        raise AlexNetError(
+            f"published weights {weights!s} are torchvision's 1000-class network: "
+            "use create_model('torchvision', weights=...) without other options"
+        )
+    from alexnet.tools.named_weights import load_named  # the download and conversion sit downstream of the model
+
+    return load_named(weights)
 
 
 def count_parameters(model: nn.Module) -> int:
