@@ -7,7 +7,9 @@ so that bit-exact comparisons hold (see test_reliability.one_thread).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from alexnet.checkpoint import load_checkpoint, load_pretrained
 from alexnet.cli import main
 from alexnet.config import OptimConfig
 from alexnet.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from alexnet.data.synthetic import CLASSES as SHAPES
+from alexnet.data.synthetic import make_shapes_dataset
 from alexnet.errors import AlexNetError
 from alexnet.models.alexnet import LAYER_NAMES, create_model
 from alexnet.train.finetune import finetune_config, freeze
@@ -64,6 +68,45 @@ def finetune(trees: dict[str, Path], source: Path, out: Path, *extra: str) -> in
 def tiny_paper(num_classes: int = 3, **options: Any) -> nn.Module:
     options = {**dict(width=0.125, fc_width=32, conv1_kernel=5, conv1_stride=1, input_size=28), **options}
     return create_model("paper", num_classes, **options)
+
+
+# --------------------------------------------------------------------------------------
+# (a) transfer: fine-tuned from a related task beats the same run from scratch after one epoch
+
+
+def shapes_split(root: Path, out: Path, classes: tuple[str, ...], train: int) -> Path:
+    """out/{train,val}/<class>/ with the first ``train`` (train) and all val images of ``classes``."""
+    for split, n in (("train", train), ("val", None)):
+        for c in classes:
+            (out / split / c).mkdir(parents=True)
+            for f in sorted((root / split / c).iterdir())[:n]:
+                shutil.copy(f, out / split / c / f.name)
+    return out
+
+
+@pytest.mark.slow
+def test_finetuned_from_other_shapes_beats_scratch_after_one_epoch(tmp_path: Path) -> None:
+    """Source: 5 of the shapes classes (200 images each, 8 epochs, about 90 s on 2 cores);
+    target: the other 5 (30 each), one epoch, with and without --init-from.
+
+    Measured 2026-12-02 on the loaded 2-core Xeon (this command, seeds 0-3 of the target
+    runs): val top-1 error 56/61/65/62% fine-tuned against 77/80/82/80% from scratch
+    (chance 80%), loss 1.49-1.62 against 2.01-2.10. The margin asserted is 10 points.
+    """
+    root = make_shapes_dataset(tmp_path / "all", image_size=64, train_per_class=200, val_per_class=20, seed=1)
+    source = shapes_split(root, tmp_path / "A", SHAPES[:5], 200)
+    target = shapes_split(root, tmp_path / "B", SHAPES[5:], 30)
+    recipe = ["--preset", "shapes", "--workers", "0", "--no-progress", "--set", "run.tensorboard=false",
+              "--batch-size", "16"]  # fmt: skip
+    assert main(["train", "--data", str(source), "--out", str(tmp_path / "s"), *recipe, "--epochs", "8"]) == 0
+    rows = {}
+    for name, extra in (("finetuned", ["--init-from", str(tmp_path / "s" / "last.pt")]), ("scratch", [])):
+        out = tmp_path / name
+        assert main(["train", "--data", str(target), "--out", str(out), *recipe, *extra, "--epochs", "1"]) == 0
+        rows[name] = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    ft, scratch = rows["finetuned"], rows["scratch"]
+    assert ft["val_top1_error"] < scratch["val_top1_error"] - 0.10, rows
+    assert ft["train_loss"] < scratch["train_loss"] - 0.2, rows
 
 
 # --------------------------------------------------------------------------------------
