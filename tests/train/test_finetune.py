@@ -27,7 +27,7 @@ from alexnet.data.synthetic import CLASSES as SHAPES
 from alexnet.data.synthetic import make_shapes_dataset
 from alexnet.errors import AlexNetError
 from alexnet.models.alexnet import LAYER_NAMES, create_model
-from alexnet.train.finetune import finetune_config, freeze
+from alexnet.train.finetune import finetune_config, freeze, init_model, load_source
 from alexnet.train.optim import PaperSGD, param_groups, plateau_schedule
 from conftest import TINY, write_tree
 
@@ -86,7 +86,7 @@ def shapes_split(root: Path, out: Path, classes: tuple[str, ...], train: int) ->
 
 @pytest.mark.slow
 def test_finetuned_from_other_shapes_beats_scratch_after_one_epoch(tmp_path: Path) -> None:
-    """Source: 5 of the shapes classes (200 images each, 8 epochs, about 90 s on 2 cores);
+    """Source: 5 of the shapes classes (200 images each, 8 epochs; 20-90 s on the 2-core machine, by load);
     target: the other 5 (30 each), one epoch, with and without --init-from.
 
     Measured 2026-12-02 on the loaded 2-core Xeon (this command, seeds 0-3 of the target
@@ -260,16 +260,23 @@ def test_freeze_conv5_keeps_conv_weights_bit_for_bit(trees: dict[str, Path], sou
     assert cfg["run"]["init_from"] == str(source.resolve()) and cfg["optim"]["freeze"] == "conv5"
     assert cfg["run"]["init_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
     assert after["config"]["run"]["init_sha256"] == cfg["run"]["init_sha256"]
-    # An ordinary run: evaluate reads it.
+    # An ordinary run: evaluate and export read it.
     assert main(["evaluate", str(out / "best.pt"), "--data", str(trees["target"]), "--centre-only"]) == 0
+    assert main(["export", str(out / "best.pt"), "--format", "torchscript", "--out", str(tmp_path / "ts.pt")]) == 0
 
 
-def test_same_classes_keep_fc8(trees: dict[str, Path], source: Path, tmp_path: Path) -> None:
+def test_same_classes_keep_fc8_also_from_safetensors(
+    trees: dict[str, Path], source: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    exported = tmp_path / "source.safetensors"
+    assert main(["export", str(source), "--format", "safetensors", "--out", str(exported)]) == 0
     out = tmp_path / "run"
     data = ["--data", str(trees["source"])]
-    assert main(["train", *data, "--out", str(out), "--init-from", str(source), *BASE[2:], "--epochs", "0"]) == 0
+    assert main(["train", *data, "--out", str(out), "--init-from", str(exported), *BASE[2:], "--epochs", "0"]) == 0
+    assert "all 8 layers copied, fc8 kept" in caplog.text
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["data"]["normalize"] == "mean-image-std" and cfg["model"]["fc_width"] == 32
+    assert cfg["run"]["init_sha256"] == hashlib.sha256(exported.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------
@@ -344,3 +351,13 @@ def test_bad_inputs_say_what_is_wrong(
     torch.save({"features.0.weight": torch.zeros(1)}, bare)
     assert "not an alexnet checkpoint" in error_of(capsys, finetune(trees, bare, out))
     assert not (out / "last.pt").exists()
+
+
+def test_same_classes_in_another_order_permute_fc8_rows(source: Path) -> None:
+    src = load_source(source)
+    model = init_model(src.config.model, src, ["cat", "ant", "bee"], seed=0)  # saved: ant, bee, cat
+    order = torch.tensor([2, 0, 1])
+    assert torch.equal(model.fc8.weight, src.state["model"]["fc8.weight"][order])
+    assert torch.equal(model.fc8.bias, src.state["model"]["fc8.bias"][order])
+    with pytest.raises(AlexNetError, match="sha256 .* not the 000000000000... that run.init_sha256 names"):
+        load_source(source, "0" * 64)
