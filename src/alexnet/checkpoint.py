@@ -348,3 +348,17 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu") -> 
     """The model in eval mode on device, its preprocessing, and its class ids."""
     loaded = load_model(path, device)
     return loaded.model, loaded.preprocess, loaded.classes
+
+
+def load_pretrained(path: str | Path, num_classes: int | None = None, device: torch.device | str = "cpu") -> AlexNet:
+    """A checkpoint's network in train mode, to train further in Python; with ``num_classes``
+    other than its own, fc8 re-initialised by ``reset_classifier`` and every other layer
+    copied, as timm's ``create_model(..., pretrained=True, num_classes=N)`` does. Seed with
+    ``torch.manual_seed`` first for a reproducible fc8. ``alexnet train --init-from`` is
+    the same from the command line, with the checkpoint's preprocessing (train/finetune.py).
+    """
+    state = load_checkpoint(path)
+    model = model_from_checkpoint(state, path)
+    if num_classes is not None and num_classes != model.config.num_classes:
+        model.reset_classifier(num_classes)
+    return model.to(device).train()

@@ -37,6 +37,10 @@ from alexnet.models.interface import InferenceInterface
 
 MODEL_NAMES = ("paper", "torchvision")
 
+# The eight learned layers by their paper names, input to output, for both variants
+# (``named_layers``): what ``optim.freeze`` and fine-tuning refer to.
+LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
 # LRN constants per convention: (k, alpha, beta, n, alpha divided by n?, per tower?).
 # Paper, section 3.3: k=2, n=5, alpha=1e-4, beta=0.75 and the sum is multiplied by
 # alpha itself. cuda-convnet (Krizhevsky's code) divides alpha by n; Caffe's
@@ -335,6 +339,32 @@ class PaperAlexNet(InferenceInterface, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def named_layers(self) -> dict[str, nn.Module]:
+        """The learned layers by paper name, conv1 ... fc8 (a removed conv layer is absent)."""
+        layers = [self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.fc6, self.fc7, self.fc8]
+        return {name: layer for name, layer in zip(LAYER_NAMES, layers) if layer is not None}
+
+    def get_classifier(self) -> nn.Linear:
+        """fc8, the layer fine-tuning replaces (timm's name)."""
+        return self.fc8
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new fc8 with ``num_classes`` outputs, initialised by the model's rule (timm's name).
+
+        ``init="paper"``: N(0, 0.01) and bias 0, as section 5 gives fc8; ``"kaiming"``: He
+        normal and bias 0, as :meth:`reset_parameters`. Same device and dtype as the old fc8.
+        """
+        old = self.fc8
+        _check_num_classes(num_classes)
+        fc8 = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        if self.config.init == "paper":
+            nn.init.normal_(fc8.weight, 0.0, 0.01)
+        else:
+            nn.init.kaiming_normal_(fc8.weight, nonlinearity=self.config.activation)
+        nn.init.zeros_(fc8.bias)
+        self.fc8 = fc8
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+
 
 class TorchvisionAlexNet(InferenceInterface, nn.Module):
     """torchvision's AlexNet: one tower, 64-192-384-256-256 kernels, no LRN, dropout before fc6/fc7.
@@ -389,8 +419,33 @@ class TorchvisionAlexNet(InferenceInterface, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def named_layers(self) -> dict[str, nn.Module]:
+        """The learned layers by paper name: conv1-5 are features.0/3/6/8/10, fc6-8 classifier.1/4/6."""
+        layers = [*(self.features[i] for i in (0, 3, 6, 8, 10)), *(self.classifier[i] for i in (1, 4, 6))]
+        return dict(zip(LAYER_NAMES, layers))
+
+    def get_classifier(self) -> nn.Linear:
+        """fc8 (classifier.6), the layer fine-tuning replaces (timm's name)."""
+        return self.classifier[6]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new fc8 (classifier.6) with ``num_classes`` outputs (timm's name).
+
+        Initialised as torchvision initialises it (``nn.Linear``'s default: uniform in
+        +-1/sqrt(4096), weights by kaiming_uniform with a=sqrt(5)); same device and dtype.
+        """
+        old = self.classifier[6]
+        _check_num_classes(num_classes)
+        self.classifier[6] = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+
 
 AlexNet = PaperAlexNet | TorchvisionAlexNet
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= 2**20:
+        raise AlexNetError(f"reset_classifier: num_classes must be an integer in 1..{2**20}; got {num_classes!r}")
 
 
 def build_model(cfg: ModelConfig) -> AlexNet:
