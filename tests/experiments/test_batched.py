@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import make_split
 from torch import nn
 
+from alexnet.cli import main
 from alexnet.errors import AlexNetError
 from alexnet.experiments.ablations import VARIANTS, AblationSettings, ablation_model_options, ablation_recipe
 from alexnet.experiments.batched import _dropout_specs, _masks, fit_batched
@@ -17,6 +19,7 @@ from alexnet.experiments.common import make_pre, split_stats
 from alexnet.models.alexnet import create_model
 from alexnet.models.figure1 import Figure1Net
 from alexnet.train.memory import Recipe, fit
+from conftest import make_split
 
 CPU = torch.device("cpu")
 SMALL = AblationSettings(width=0.125, fc_width=32, batch_size=16, epochs=2)
@@ -105,3 +108,35 @@ def test_batched_refuses_mismatched_seeds() -> None:
     recipe = Recipe(epochs=1, lr=0.01, batch_size=4)
     with pytest.raises(AlexNetError, match="one seed per model"):
         fit_batched([Figure1Net()], train, make_pre(split_stats(train), recipe), recipe, seeds=[0, 1], device=CPU)
+
+
+def _runs(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+
+
+def test_batch_seeds_end_to_end_matches_runs_alone_and_keeps_each_run(
+    cifar_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["experiment", "ablations", "--data", str(cifar_tree), "--reduced", "--seeds", "2", "--device", "cpu"]
+    argv += ["--variants", "baseline,no-dropout"]
+    assert main([*argv, "--out", str(tmp_path / "alone")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "batched"), "--batch-seeds"]) == 0
+    alone, batched = _runs(tmp_path / "alone"), _runs(tmp_path / "batched")
+    assert set(alone) == set(batched) == {"baseline-seed0", "baseline-seed1", "no-dropout-seed0", "no-dropout-seed1"}
+    for name, a in alone.items():
+        b = batched[name]
+        assert b["batched_runs"] == 2 and "batched_runs" not in a
+        # The same predictions on the 40 test images: rounding (test above) moves no decision here.
+        assert b["test_top1_error"] == a["test_top1_error"] and b["final_train_error"] == a["final_train_error"]
+    # Each run's metric rows are kept under its own name; a rerun reuses every finished run.
+    rows = [json.loads(line) for line in (tmp_path / "batched" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["run"] for r in rows} == set(batched)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "batched" / "runs").glob("*.json")}
+    (tmp_path / "batched" / "runs" / "no-dropout-seed1.json").unlink()  # as if the call ended mid-group
+    assert main([*argv, "--out", str(tmp_path / "batched"), "--batch-seeds"]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "batched" / "runs").glob("*.json")}
+    assert {n: t for n, t in after.items() if n != "no-dropout-seed1.json"} == {
+        n: t for n, t in stamps.items() if n != "no-dropout-seed1.json"
+    }
+    assert _runs(tmp_path / "batched")["no-dropout-seed1"]["batched_runs"] == 1  # trained again, alone in its group
+    capsys.readouterr()

@@ -53,6 +53,12 @@ def register(sub: Any) -> None:
         help="training runs at once, each in its own process (default 1); small nets leave a GPU idle, "
         "so several runs at once finish sooner",
     )
+    x.add_argument(
+        "--batch-seeds",
+        action="store_true",
+        help="train the seeds of each variant (relu-vs-tanh: each activation's final runs) together in one "
+        "process, stacked and vmapped: several small nets per kernel launch (CUDA graphs on a GPU)",
+    )
     x.add_argument("--lr", type=float, help="ablations: learning rate")
     x.set_defaults(handler=cmd_experiment)
 
@@ -80,7 +86,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     settings = resolve_settings(args.name, args.reduced, overrides)
     out = args.out or str(Path("runs") / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = run_experiment(
-        args.name, args.data, out, settings, resolve_device(args.device), args.command_line, workers=args.jobs
+        args.name,
+        args.data,
+        out,
+        settings,
+        resolve_device(args.device),
+        args.command_line,
+        workers=args.jobs,
+        batch=args.batch_seeds,
     )
     print((run_dir / "summary.md").read_text(), end="")
     print(f"run directory: {run_dir}")

@@ -58,9 +58,11 @@ def run_experiment(
     device: torch.device,
     command: str = "",
     workers: int = 1,
+    batch: bool = False,
 ) -> Path:
     """Load CIFAR-10, run experiment ``name`` into ``out`` and return the run directory.
-    ``data`` None: ``$ALEXNET_CIFAR10``. ``command`` is the command line, recorded with the results."""
+    ``data`` None: ``$ALEXNET_CIFAR10``. ``command`` is the command line, recorded with the results.
+    ``batch``: the seeds of each variant train together in one process (experiments/batched.py)."""
     from alexnet.data.cifar import default_data_path, load_cifar10
 
     experiment = REGISTRY[name]
@@ -79,7 +81,7 @@ def run_experiment(
         environment(device, command or f"run_experiment({name!r})"),
     )
     try:
-        experiment.run(train, test, settings, device, run, workers)
+        experiment.run(train, test, settings, device, run, workers, batch)
     finally:
         run.close()
     return Path(out)
