@@ -14,7 +14,8 @@
 #
 # CIFAR-10 travels in .data/ (ignored by git, carried by the run tool). Knobs: LIMIT (seconds
 # for the whole call, default 450), BENCH=0 skips step 1, AB_JOBS (processes for the
-# ablation groups, default 8: one per variant, each with its 3 seeds batched), AB_VARIANTS
+# ablation groups, default 4, each a variant with its 3 seeds batched: two waves of 4, so the
+# first four variants are kept even if the call ends before the second wave does), AB_VARIANTS
 # (default all), OVERFIT=0 / NORM=0 skip those, OVERFIT_EPOCHS (default 60), FIG1=1 adds Figure 1.
 set -u
 OUT=${OUT:-/tmp/exp-out}
@@ -67,7 +68,7 @@ if [ "${FIG1:-0}" = 1 ]; then
     PIDS+=($!)
 fi
 timeout "$(left)" python3 -m alexnet experiment ablations --data $DATA --device cuda --batch-seeds \
-    --jobs "${AB_JOBS:-8}" ${AB_VARIANTS:+--variants $AB_VARIANTS} --out $E/ablations-30ep > "$OUT/ablations.log" 2>&1
+    --jobs "${AB_JOBS:-4}" ${AB_VARIANTS:+--variants $AB_VARIANTS} --out $E/ablations-30ep > "$OUT/ablations.log" 2>&1
 for p in "${PIDS[@]}"; do wait "$p"; done
 sleep 1
 kill $SMI $PACK 2>/dev/null
