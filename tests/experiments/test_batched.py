@@ -140,3 +140,27 @@ def test_batch_seeds_end_to_end_matches_runs_alone_and_keeps_each_run(
     }
     assert _runs(tmp_path / "batched")["no-dropout-seed1"]["batched_runs"] == 1  # trained again, alone in its group
     capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_the_compiled_batched_step_matches_the_eager_one(caplog: pytest.LogCaptureFixture) -> None:
+    # The path CUDA takes (torch.compile of the vmapped step and of the update; CUDA graphs
+    # only on CUDA), here on the CPU with Inductor's C++ backend: minutes to compile the first
+    # time. It must not fall back to eager (no warning) and must train the same runs.
+    from alexnet.train.step import compile_available
+
+    if not compile_available():
+        pytest.skip("torch.compile needs a C++ compiler here")
+    recipe = ablation_recipe(SMALL, VARIANTS["baseline"])
+    train = make_split(16, classes=3)
+    pre = make_pre(split_stats(train), recipe)
+    eager = [_paper("baseline", s) for s in (0, 1)]
+    compiled = copy.deepcopy(eager)
+    a = fit_batched(eager, train, pre, recipe, seeds=[0, 1], device=CPU, compile_step=False)
+    with caplog.at_level("WARNING", logger="alexnet"):
+        b = fit_batched(compiled, train, pre, recipe, seeds=[0, 1], device=CPU, compile_step=True)
+    assert "continuing eager" not in caplog.text
+    for ra, rb in zip(a, b):
+        assert [r["train_error"] for r in ra.rows] == [r["train_error"] for r in rb.rows]
+        for x, y in zip(ra.rows, rb.rows):
+            assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
