@@ -48,6 +48,12 @@ ENCODING = "jpeg"
 DEFAULT_QUALITY = 96  # the lowest quality with PSNR >= 40 dB on the noisy bench JPEGs (40.9 dB; 95 gave 39.6)
 SUBSAMPLING = 0  # PIL's code for 4:4:4 (no chroma subsampling): see the module docstring
 
+# torchvision 0.29 warns on every decode that its image codecs will move to TorchCodec;
+# they are what this store is measured with, and one warning per image would flood a run.
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
+
 
 def data_file(split: str) -> str:
     return f"{split}_images.jpegs"
