@@ -87,24 +87,26 @@ def test_jpeg_store_gives_the_raw_images_within_tolerance_labels_and_order(both)
 def test_loaders_give_the_same_batches_and_augmentation_draws(both) -> None:
     _, raw, jpeg = both
     r, j = open_store(raw, SIZE).split("train"), open_store(jpeg, SIZE).split("train")
-    stats = open_store(raw, SIZE).stats()
-    pre = make_preprocess("mean-image", SIZE, 24, stats.mean_image, stats.pixel_std, stats.eigvals, stats.eigvecs)
-    outs = []
-    for split in (r, j):
-        sampler = EpochBatchSampler(len(split), 5, shuffle=True, seed=3)
-        sampler.set_epoch(1)
-        gen = torch.Generator().manual_seed(7)
-        batches = list(StoreLoader(split, sampler, threads=2))
-        outs.append(
-            ([b.labels.tolist() for b in batches], [train_batch(b.images, pre, generator=gen) for b in batches])
-        )
-        outs[-1][0].append(gen.get_state())
-    (labels_r, aug_r), (labels_j, aug_j) = outs
-    assert labels_r[:-1] == labels_j[:-1] and torch.equal(labels_r[-1], labels_j[-1])  # the same draws consumed
-    for x, y in zip(aug_r, aug_j):
-        # The same crops, flips and lighting: the outputs differ by the JPEG error only
-        # (a different crop of these images would differ by tens of units).
-        assert (x - y).abs().mean() < 1.5
+    st = open_store(raw, SIZE).stats()
+    pre = make_preprocess("mean-image", SIZE, 24, st.mean_image, st.pixel_std, st.eigvals, st.eigvecs)
+    # The same crops and flips applied to the difference of the two batches, with no mean and no lighting.
+    diff_pre = make_preprocess(
+        "mean-image", SIZE, 24, torch.zeros_like(st.mean_image), st.pixel_std, st.eigvals, st.eigvecs
+    )
+    loaders = [
+        StoreLoader(split, EpochBatchSampler(len(split), 5, shuffle=True, seed=3), threads=2) for split in (r, j)
+    ]
+    gens = [torch.Generator().manual_seed(7) for _ in range(3)]
+    for br, bj in zip(*loaders, strict=True):
+        assert br.labels.tolist() == bj.labels.tolist()
+        out_r, out_j = (train_batch(b.images, pre, generator=g) for b, g in zip((br, bj), gens))
+        # Augmentation is affine in the pixels: with the same crop, flip and lighting
+        # draws the mean and lighting cancel, leaving the JPEG error cropped and flipped.
+        d = bj.images.float() - br.images.float()
+        expected = train_batch(d, diff_pre, generator=gens[2], lighting_std=0.0)
+        torch.testing.assert_close(out_j - out_r, expected, atol=1e-3, rtol=0)
+        torch.randn(len(d), 3, generator=gens[2])  # the lighting draw the third call skipped
+    assert all(torch.equal(gens[0].get_state(), g.get_state()) for g in gens[1:])
 
 
 def test_jpeg_gather_equals_decoding_each_file(both) -> None:
