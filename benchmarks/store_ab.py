@@ -90,23 +90,27 @@ def _drop_cache(path: Path) -> bool:
 
 
 def cmd_read(args: argparse.Namespace) -> dict:
-    store = open_store(args.store)
-    split = store.split("train")
-    data = store.root / split.info["images"]
-    size = data.stat().st_size
+    import gc
+
     passes = []
     for p in range(args.passes):
+        # A fresh store each pass, opened after the drop: DONTNEED leaves alone the pages
+        # that a live memory map still holds, so the previous pass's map must be gone.
+        gc.collect()
+        header = open_store(args.store)
+        data = header.root / header.split("train").info["images"]
+        del header
+        gc.collect()
         dropped = _drop_cache(data)
+        split = open_store(args.store).split("train")
+        size = data.stat().st_size
         rate, n = _rate(split, args.batch, args.batches, args.device, p)
         mb_s = rate * size / max(1, split.slots) / 1e6
         passes.append({"images_per_s": rate, "images": n, "MB_per_s": mb_s, "cache_dropped": dropped})
         print(f"pass {p}: {rate:.0f} img/s, {mb_s:.0f} MB/s ({n} images)", file=sys.stderr)
-    return {
-        "encoding": split.encoding,
-        "file_bytes": size,
-        "bytes_per_image": size / max(1, split.slots),
-        "passes": passes,
-    }
+        encoding, slots = split.encoding, split.slots
+        del split
+    return {"encoding": encoding, "file_bytes": size, "bytes_per_image": size / max(1, slots), "passes": passes}
 
 
 def cmd_decode(args: argparse.Namespace) -> dict:

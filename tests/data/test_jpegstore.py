@@ -122,6 +122,22 @@ def test_jpeg_gather_equals_decoding_each_file(both) -> None:
         np.testing.assert_array_equal(image, jpegstore.decode_one(data).numpy())
 
 
+def test_training_and_evaluation_read_a_jpeg_store(both) -> None:
+    from alexnet.data.source import open_eval_data, open_training_data
+
+    _, raw, jpeg = both
+    data = open_training_data(jpeg, SIZE)
+    assert data.counts == {"train": 12, "val": 4} and data.description == f"store {jpeg}"
+    stats, skipped = data.stats()
+    assert skipped == [] and stats.count == 12
+    batches = list(data.loader("train", EpochBatchSampler(12, 5, shuffle=True, seed=0)))
+    assert [len(b.labels) for b in batches] == [5, 5, 2] and batches[0].images.shape == (5, 3, SIZE, SIZE)
+    _, evaluation = open_eval_data(jpeg, data.classes, SIZE, 3, workers=0)
+    _, reference = open_eval_data(raw, data.classes, SIZE, 3, workers=0)
+    for a, b in zip(evaluation, reference, strict=True):
+        assert a.labels.tolist() == b.labels.tolist() and psnr(a.images.numpy(), b.images.numpy()) >= 40
+
+
 # --------------------------------------------------------------------------------------
 # Damage is refused in one line
 

@@ -11,9 +11,9 @@ instead of once per epoch. A store is a folder::
     val_images.npy, val_labels.npy
     stats_mean_image.npy    (3, S, S) float32 ...and stats_pixel_std, stats_eigvals, stats_eigvecs
 
-Why raw uint8 in a memory map: reading a batch is one memcpy per image from the page
-cache (measured 3 ms for 128 images of 256x256 on the 2-core development machine, 8 GB/s,
-with the GIL released), which no decoder approaches; the cost is size, 196,608 bytes per
+Why raw uint8 in a memory map: reading a batch is one np.take from the page cache
+(measured 3-4 ms for 128 images of 256x256 on the 2-core development machine, with the
+GIL released), which no decoder approaches (a JPEG batch: 37 ms per core); the cost is size, 196,608 bytes per
 256x256 image (ImageNet's 1.28M training images: 252 GB), so the store should sit on a
 local SSD. Pixels stay uint8 until they are on the training device, where augment.py
 crops, flips, lights and normalises whole batches.
@@ -337,7 +337,7 @@ class StoreLoader:
 
     Indices come from an :class:`EpochBatchSampler`, so order, resume (``start_batch``)
     and sharding are those of the folder loader. ``threads`` background threads each
-    gather whole batches (raw: one index_select; JPEG: one batched decode), ``prefetch``
+    gather whole batches (raw: one np.take; JPEG: one batched decode), ``prefetch``
     batches ahead (at least one per thread). On CUDA a raw batch is gathered into one of a
     ring of ``threads + 2`` pinned buffers and copied on a side stream, so the copy of
     batch k+1 runs while the model computes batch k; a JPEG batch's bytes go to nvJPEG on
@@ -363,9 +363,9 @@ class StoreLoader:
                 # machine), so all cores but one, which the training loop keeps.
                 threads = max(1, cpu_cores() - 1)
             else:
-                # One index_select copies 128 images of 256x256 in about 3 ms (8 GB/s,
-                # 40,000 images/s per thread); two threads keep one copy running while the
-                # other waits on its buffer. nvJPEG decodes one batch at a time.
+                # One np.take copies 128 images of 256x256 in 3-4 ms (30,000 images/s
+                # per thread); two threads keep one copy running while the other waits on
+                # its buffer. nvJPEG decodes one batch at a time.
                 threads = 2
         self.prefetch, self.threads = max(1, prefetch, threads), threads
         self._ring: PinnedRing | None = None
