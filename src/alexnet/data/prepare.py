@@ -146,6 +146,8 @@ def prepare(
         raise AlexNetError(f"store format must be raw or jpeg; got {encoding!r}")
     if encoding == jpegstore.ENCODING and not 1 <= quality <= 100:
         raise AlexNetError(f"JPEG quality must be 1-100; got {quality}")
+    if encoding == jpegstore.ENCODING:
+        import torchvision.io  # noqa: F401  # once here, not in every forked worker of both pools (about 1 s each)
     if image_size < 1 or chunk_size < 1:
         raise AlexNetError(f"image size and chunk size must be positive; got {image_size} and {chunk_size}")
     if image_size > MAX_IMAGE_SIZE:
