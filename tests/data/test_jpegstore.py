@@ -249,6 +249,29 @@ def test_cli_reports_bytes_and_psnr_and_checks_flags(both, tmp_path: Path, capsy
     assert "JPEG quality must be 1-100" in capsys.readouterr().err
 
 
+def test_unreadable_sources_are_empty_slots_left_out(tmp_path: Path) -> None:
+    tree = smooth_tree(tmp_path / "src", train=3, val=1)
+    (tree / "train" / "bee" / "empty.jpg").write_bytes(b"")
+    report = prepare(tree, tmp_path / "s", image_size=SIZE, workers=0, chunk_size=4, progress=False, encoding="jpeg")
+    assert [Path(x.split(":")[0]).name for x in report.skipped] == ["empty.jpg"]
+    s = open_store(tmp_path / "s", SIZE)
+    train = s.split("train")
+    assert train.slots == 7 and len(train) == 6 and s.stats().count == 6
+    empty = [k for k in range(7) if train.offsets[k + 1] == train.offsets[k]]
+    assert empty == [int(np.flatnonzero(train.labels == -1)[0])]
+    out, labels = _all(train)
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1] and out.std() > 10  # six real images
+    assert report.bytes_per_image == pytest.approx(s.header["splits"]["train"]["bytes"] / 6)
+
+
+def test_unknown_encoding_is_refused(copy: Path) -> None:
+    header = json.loads((copy / store.HEADER).read_text())
+    header["encoding"] = "webp"
+    (copy / store.HEADER).write_text(json.dumps(header))
+    with pytest.raises(AlexNetError, match="unknown image encoding 'webp'"):
+        open_store(copy)
+
+
 def test_version_one_raw_store_is_still_read(both, tmp_path: Path) -> None:
     import shutil
 
