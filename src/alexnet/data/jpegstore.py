@@ -145,6 +145,57 @@ def join_parts(dest: Path, split: str, lengths: list[int], chunk_size: int) -> t
     return int(offsets[-1]), crcs
 
 
+def plan_chunks(
+    dest: Path,
+    source: Any,
+    done: dict[tuple[str, int], dict[str, Any]],
+    image_size: int,
+    chunk_size: int,
+    quality: int,
+) -> list[Any]:
+    """prepare._plan_chunks for a JPEG store: a part file per chunk; a recorded chunk whose part is gone is redone."""
+    from alexnet.data.chunks import ChunkTask
+
+    tasks = []
+    for name, split in source.splits.items():
+        parts = dest / parts_dir(name)
+        parts.mkdir(exist_ok=True)
+        for k, start in enumerate(range(0, len(split.members), chunk_size)):
+            part = parts / part_file(k)
+            if (name, k) in done and part.is_file():
+                continue
+            done.pop((name, k), None)
+            members = split.members[start : start + chunk_size]
+            task = ChunkTask(name, k, start, str(part), split.archive, members, image_size, ENCODING, quality)
+            tasks.append(task)
+    return tasks
+
+
+def finish_split(
+    dest: Path, name: str, info: dict[str, Any], done: dict[tuple[str, int], dict[str, Any]], params: dict[str, Any]
+) -> None:
+    """Join a split's parts into its data file and index; fill its header entry (bytes, PSNR, checksums)."""
+    from alexnet.data import store
+
+    chunk = params["chunk_size"]
+    records = [done[name, k] for k in range(-(-info["slots"] // chunk))]
+    lengths = [n for r in records for n in r["lengths"]]
+    total, crcs = join_parts(dest, name, lengths, chunk)
+    if crcs != [r["crc32"] for r in records]:
+        raise AlexNetError(f"the parts of {dest / parts_dir(name)} changed since they were written")
+    values = info["valid"] * 3 * params["image_size"] ** 2
+    db = psnr(sum(r["sse"] for r in records), values)
+    info.update(
+        images=data_file(name),
+        index=index_file(name),
+        index_sha256=store.sha256_file(dest / index_file(name)),
+        bytes=total,
+        chunk_crc32=crcs,
+        bytes_per_image=total / max(1, info["valid"]),
+        psnr_db=None if db is None else min(db, 999.0),  # JSON has no infinity
+    )
+
+
 def remove_parts(dest: Path, split: str) -> None:
     parts = dest / parts_dir(split)
     if parts.is_dir():

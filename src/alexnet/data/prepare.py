@@ -240,7 +240,7 @@ def _plan_chunks(
     """The chunks not yet in ``done``, creating each split's images file where needed
     (``done`` loses the records of a split whose file is new)."""
     if encoding == jpegstore.ENCODING:
-        return _plan_jpeg_chunks(dest, source, done, image_size, chunk_size, quality)
+        return jpegstore.plan_chunks(dest, source, done, image_size, chunk_size, quality)
     tasks = []
     for name, split in source.splits.items():
         path = dest / store.images_file(name)
@@ -256,30 +256,6 @@ def _plan_chunks(
             if (name, k) not in done:
                 members = split.members[start : start + chunk_size]
                 tasks.append(ChunkTask(name, k, start, str(path), split.archive, members, image_size))
-    return tasks
-
-
-def _plan_jpeg_chunks(
-    dest: Path,
-    source: Source,
-    done: dict[tuple[str, int], dict[str, Any]],
-    image_size: int,
-    chunk_size: int,
-    quality: int,
-) -> list[ChunkTask]:
-    """_plan_chunks for a JPEG store: one part file per chunk; a recorded chunk whose part is gone is redone."""
-    tasks = []
-    for name, split in source.splits.items():
-        parts = dest / jpegstore.parts_dir(name)
-        parts.mkdir(exist_ok=True)
-        for k, start in enumerate(range(0, len(split.members), chunk_size)):
-            part = parts / jpegstore.part_file(k)
-            if (name, k) in done and part.is_file():
-                continue
-            done.pop((name, k), None)
-            members = split.members[start : start + chunk_size]
-            task = ChunkTask(name, k, start, str(part), split.archive, members, image_size, jpegstore.ENCODING, quality)
-            tasks.append(task)
     return tasks
 
 
@@ -328,7 +304,7 @@ def _finish(
     for name, split in source.splits.items():
         splits_info[name], labels_by_split[name] = _write_labels(dest, source, name, split, done, params["chunk_size"])
         if encoding == jpegstore.ENCODING:
-            _join_jpeg_split(dest, name, splits_info[name], done, params)
+            jpegstore.finish_split(dest, name, splits_info[name], done, params)
         else:
             splits_info[name]["bytes_per_image"] = 3 * params["image_size"] ** 2
     stats, shas = _write_stats(dest, labels_by_split["train"], params, workers, progress)
@@ -392,29 +368,6 @@ def _write_labels(
     if len(skipped) > 20:
         log.warning("... and %d more unreadable %s images (all listed in %s)", len(skipped) - 20, name, store.HEADER)
     return info, labels
-
-
-def _join_jpeg_split(
-    dest: Path, name: str, info: dict[str, Any], done: dict[tuple[str, int], dict[str, Any]], params: dict[str, Any]
-) -> None:
-    """Join a split's parts into its data file and index; fill its header entry (bytes, PSNR, checksums)."""
-    chunk = params["chunk_size"]
-    records = [done[name, k] for k in range(-(-info["slots"] // chunk))]
-    lengths = [n for r in records for n in r["lengths"]]
-    total, crcs = jpegstore.join_parts(dest, name, lengths, chunk)
-    if crcs != [r["crc32"] for r in records]:
-        raise AlexNetError(f"the parts of {dest / jpegstore.parts_dir(name)} changed since they were written")
-    values = info["valid"] * 3 * params["image_size"] ** 2
-    db = jpegstore.psnr(sum(r["sse"] for r in records), values)
-    info.update(
-        images=jpegstore.data_file(name),
-        index=jpegstore.index_file(name),
-        index_sha256=store.sha256_file(dest / jpegstore.index_file(name)),
-        bytes=total,
-        chunk_crc32=crcs,
-        bytes_per_image=total / max(1, info["valid"]),
-        psnr_db=None if db is None else min(db, 999.0),  # JSON has no infinity
-    )
 
 
 def _write_stats(

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 
 from alexnet.data import jpegstore
-from alexnet.data.loader import Batch, EpochBatchSampler, resolve_workers
+from alexnet.data.loader import Batch, EpochBatchSampler, PinnedRing, resolve_workers
 from alexnet.data.stats import DataStats
 from alexnet.errors import AlexNetError
 from alexnet.runtime import cpu_cores, die_with_parent
@@ -306,30 +305,6 @@ def verify_store(path: str | Path, workers: int = -1, progress: bool = False) ->
 
 # --------------------------------------------------------------------------------------
 # Loading batches
-
-
-class PinnedRing:
-    """Reusable pinned host buffers for batches on their way to the GPU.
-
-    ``take`` hands out a free buffer, first waiting (in the gathering thread, never the
-    training thread) for the event of the copy that last read it; ``give`` returns it
-    with the event of its new copy. Allocated once: a store's batches no longer go
-    through the caching host allocator, whose blocks are only freed by its own events.
-    """
-
-    def __init__(self, count: int, shape: tuple[int, ...]) -> None:
-        self.free: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self.free.put((torch.empty(shape, dtype=torch.uint8, pin_memory=True), None))
-
-    def take(self) -> torch.Tensor:
-        buffer, event = self.free.get()
-        if event is not None:
-            event.synchronize()
-        return buffer
-
-    def give(self, buffer: torch.Tensor, event: Any) -> None:
-        self.free.put((buffer, event))
 
 
 class StoreLoader:
