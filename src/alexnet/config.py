@@ -252,6 +252,12 @@ def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
                 raise AlexNetError(f"unknown config key {shown} in {origin}")
             flat[key if sub is None else f"{key}.{sub}"] = v
     sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+    if (
+        "model.dropout_style" not in flat
+        and flat.get("model.name", sections["model"]["name"]) != sections["model"]["name"]
+    ):
+        # The dropout style defaults by variant ("auto"): another model.name brings its own.
+        sections["model"]["dropout_style"] = "auto"
     for dotted, value in flat.items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS or not key:
@@ -378,6 +384,10 @@ def resolve(preset: str | None, overrides: dict[str, Any], origin: str = "comman
 
 
 def from_dict(values: dict[str, Any], origin: str) -> Config:
+    model = values.get("model") if isinstance(values, dict) else None
+    if isinstance(model, dict) and "dropout_style" not in model:
+        # Checkpoints from before model.dropout_style were all trained with nn.Dropout.
+        values = {**values, "model": {**model, "dropout_style": "inverted"}}
     return apply_overrides(Config(), values, origin)
 
 
