@@ -89,22 +89,29 @@ def open_eval_data(
     device: torch.device | str = "cpu",
     *,
     classes_from: str = "the checkpoint",
+    split: str | None = None,
 ) -> tuple[Path, Any]:
     """(what is evaluated, an iterable of Batch in a fixed order) for ``alexnet evaluate --data root``.
 
-    A store: its val split, whose classes must be ``classes`` (those of ``classes_from``,
-    named in the error). A folder: its ``val/``,
-    ``validation/`` or ``test/`` subfolder if it has one, else the folder itself, read as
-    class folders numbered by ``classes``.
+    A store: its val split (or ``split``: "test" for ILSVRC-2010's, prepared from its
+    archives), whose classes must be ``classes`` (those of ``classes_from``, named in the
+    error). A folder: its ``val/``, ``validation/`` or ``test/`` subfolder if it has one
+    (``split``: that subfolder, which must exist), else the folder itself, read as class
+    folders numbered by ``classes``.
     """
     root = Path(root)
     if is_store(root):
         store = open_store(root, image_size)
         if store.classes != classes:
             raise AlexNetError(f"store {root} has other classes than {classes_from}")
-        split = store.split("val")
-        return root, StoreLoader(split, EpochBatchSampler(len(split), batch_size, shuffle=False), device)
-    folder = val_folder(root) or root
+        part = store.split(split or "val")
+        return root, StoreLoader(part, EpochBatchSampler(len(part), batch_size, shuffle=False), device)
+    if split is None:
+        folder = val_folder(root) or root
+    else:
+        folder = (val_folder(root) if split == "val" else None) or root / split
+        if not folder.is_dir():
+            raise AlexNetError(f"{root} has no {split}/ folder to evaluate (--split {split})")
     images = scan_image_folder(folder, classes=classes)
     sampler = EpochBatchSampler(len(images), batch_size, shuffle=False)
     return folder, make_loader(ImageFolderDataset(images, image_size), sampler, workers)
@@ -122,7 +129,7 @@ class SplitSource:
 
 @dataclass
 class Source:
-    kind: str  # "image-folder" | "ilsvrc2012"
+    kind: str  # "image-folder" | "ilsvrc2012" | "ilsvrc2010"
     path: Path
     classes: list[str]
     splits: dict[str, SplitSource]
@@ -144,12 +151,14 @@ class Source:
 
 
 def find_source(src: str | Path) -> Source:
-    """An ILSVRC-2012 archive folder (if it holds ILSVRC2012_img_train.tar), else an ImageFolder tree."""
+    """An ILSVRC-2012 or -2010 archive folder (if it holds ILSVRC2012_img_train.tar or
+    ILSVRC2010_images_train.tar), else an ImageFolder tree."""
     src = Path(src)
-    if ilsvrc.is_ilsvrc_folder(src):
+    release = ilsvrc.find_release(src)
+    if release is not None:
         classes, words, splits = ilsvrc.scan_ilsvrc(src)
         return Source(
-            "ilsvrc2012",
+            f"ilsvrc{release.year}",
             src.resolve(),
             classes,
             {name: SplitSource(str(archive), members, labels) for name, (archive, members, labels) in splits.items()},
