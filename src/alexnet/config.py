@@ -56,6 +56,10 @@ class DataConfig:
     flip: bool = True  # random horizontal reflections
     workers: int = -1  # decoding processes; -1: one per core
     stats_max_images: int = 0  # images used for the mean image and PCA; 0: the whole training set
+    # Images per class (a whole number) or a fraction of each class in (0, 1) held out of
+    # train/ as the split that drives the lr plateaus and best.pt, so val/ stays unseen
+    # until `alexnet evaluate`; 0: val/ drives them, as in the paper (data/holdout.py).
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("image_size", "crop_size"):
@@ -68,6 +72,9 @@ class DataConfig:
             raise AlexNetError(f"data.stats_max_images must be 0 or more; got {self.stats_max_images}")
         if not (math.isfinite(self.lighting_std) and self.lighting_std >= 0):
             raise AlexNetError(f"data.lighting_std must be 0 or more; got {self.lighting_std}")
+        from alexnet.data.holdout import check_setting
+
+        check_setting(self.holdout)
 
 
 @dataclass
@@ -283,6 +290,12 @@ def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
                 raise AlexNetError(f"unknown config key {shown} in {origin}")
             flat[key if sub is None else f"{key}.{sub}"] = v
     sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+    if (
+        "model.dropout_style" not in flat
+        and flat.get("model.name", sections["model"]["name"]) != sections["model"]["name"]
+    ):
+        # The dropout style defaults by variant ("auto"): another model.name brings its own.
+        sections["model"]["dropout_style"] = "auto"
     for dotted, value in flat.items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS or not key:
@@ -409,6 +422,10 @@ def resolve(preset: str | None, overrides: dict[str, Any], origin: str = "comman
 
 
 def from_dict(values: dict[str, Any], origin: str) -> Config:
+    model = values.get("model") if isinstance(values, dict) else None
+    if isinstance(model, dict) and "dropout_style" not in model:
+        # Checkpoints from before model.dropout_style were all trained with nn.Dropout.
+        values = {**values, "model": {**model, "dropout_style": "inverted"}}
     return apply_overrides(Config(), values, origin)
 
 

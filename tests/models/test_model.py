@@ -222,6 +222,7 @@ def test_every_parameter_receives_a_gradient(name):
         dict(pooling="non-overlap"),
         dict(towers=1),
         dict(dropout=0.0),
+        dict(remove_conv=2),
         dict(remove_conv=3),
         dict(remove_conv=4),
         dict(remove_conv=5),

@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
         "paths",
         nargs="+",
         metavar="SRC DEST",
-        help="an ImageFolder root or a folder of the ILSVRC-2012 archives, and the store folder",
+        help="an ImageFolder root or a folder of the ILSVRC-2012 or -2010 archives, and the store folder",
     )
     s.add_argument("--image-size", type=int, default=256, help="side of the stored images (default 256, the paper's)")
     s.add_argument("--workers", type=int, default=-1, help="decoding processes (default: one per core)")

@@ -35,7 +35,27 @@ def _decode(member: Member, archive: str | None, image_size: int) -> np.ndarray:
     data = os.pread(fd, size, offset)
     if len(data) != size:
         raise BadImage(f"the archive ends {size - len(data)} bytes before the end of this member")
+    if data[:2] == _GZIP_MAGIC:
+        data = _gunzip(data)
     return load_image(io.BytesIO(data), image_size)
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+# ILSVRC-2010's archives hold some JPEGs gzip-compressed under a .JPEG name (fuel's
+# converter, mila-iqia/fuel fuel/converters/ilsvrc2010.py, decompresses them too). JPEG
+# data does not compress, so a member that inflates to over 64 MiB is no such image.
+_MAX_GUNZIPPED = 64 << 20
+
+
+def _gunzip(data: bytes) -> bytes:
+    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
+    try:
+        out = inflate.decompress(data, _MAX_GUNZIPPED)
+    except zlib.error as e:
+        raise BadImage(f"a gzip-compressed member that does not decompress ({e})") from None
+    if inflate.unconsumed_tail:
+        raise BadImage(f"a gzip-compressed member of over {_MAX_GUNZIPPED >> 20} MiB")
+    return out
 
 
 @dataclass

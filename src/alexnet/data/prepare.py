@@ -1,7 +1,7 @@
 """``alexnet prepare SRC DEST``: decode a dataset once into a store (store.py), on every core, resumably.
 
 SRC is an ImageFolder tree (``train/<class>/*``, ``val/<class>/*``) or a folder of the
-official ILSVRC-2012 archives (ilsvrc.py). Each image goes through the same
+official ILSVRC-2012 or -2010 archives (ilsvrc.py; 2010 adds a test split). Each image goes through the same
 ``data.load_image`` as the folder loader (shorter side to S, central S x S patch), so a
 store holds exactly the uint8 pixels the folder path would produce.
 

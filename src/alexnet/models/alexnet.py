@@ -17,7 +17,10 @@ Where the paper variant departs from the paper, it is on purpose and switchable:
 ``init="kaiming"`` (the paper's N(0, 0.01) with biases of 1 is known to stall -- Caffe
 reported a flat loss -- and needs the full 90-epoch recipe), and the size options
 (``width``, ``fc_width``, ``conv1_*``) that shrink the same layer pattern for small
-images and CPU runs. Defaults are the paper's.
+images and CPU runs. Defaults are the paper's, dropout included: ``dropout_style="paper"``
+multiplies fc6 and fc7's outputs by 0.5 at test time instead of doubling the kept units
+in training (see :class:`Dropout`); torchvision's variant uses ``"inverted"``, as its
+weights were trained.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from alexnet.errors import AlexNetError
 from alexnet.models.interface import InferenceInterface
 
 MODEL_NAMES = ("paper", "torchvision")
+DROPOUT_STYLES = ("paper", "inverted")
 
 # The eight learned layers by their paper names, input to output, for both variants
 # (``named_layers``): what ``optim.freeze`` and fine-tuning refer to.
@@ -61,8 +65,14 @@ class ModelConfig:
     pooling: str = "overlap"  # "overlap": 3x3 stride 2 (section 3.4) | "non-overlap": 2x2 stride 2
     towers: int = 2  # 2: conv2/4/5 see one tower's maps, as on two GPUs | 1: a single tower
     dropout: float = 0.5  # in fc6 and fc7 (section 4.2)
+    # "paper": training keeps units unscaled and test multiplies fc6/fc7 outputs by 1 - p
+    # (section 4.2: "multiply their outputs by 0.5"); "inverted": nn.Dropout, kept units
+    # scaled by 1/(1-p) in training, identity at test (torchvision's and Caffe's weights).
+    # "auto" (given, never kept): the variant's own, paper for "paper" and inverted for
+    # "torchvision", so a saved config and a checkpoint name the style in force.
+    dropout_style: str = "auto"
     init: str = "paper"  # "paper": N(0, 0.01), bias 1 in conv2/4/5, fc6, fc7 | "kaiming"
-    remove_conv: int = 0  # 3, 4 or 5 drops that middle layer (section 1's ablation); 0 keeps all
+    remove_conv: int = 0  # 2, 3, 4 or 5 drops that layer (section 1's ablation); 0 keeps all
     width: float = 1.0  # scales the conv widths 96-256-384-384-256; 1.0 is the paper
     fc_width: int = 4096  # fc6 and fc7 units
     conv1_kernel: int = 11
@@ -71,6 +81,8 @@ class ModelConfig:
     input_size: int = 224  # side of the square crop the network sees; sets fc6's fan-in
 
     def __post_init__(self) -> None:
+        if self.dropout_style == "auto":
+            self.dropout_style = "paper" if self.name == "paper" else "inverted"
         choices = {
             "name": MODEL_NAMES,
             "activation": ("relu", "tanh"),
@@ -78,7 +90,8 @@ class ModelConfig:
             "pooling": ("overlap", "non-overlap"),
             "init": ("paper", "kaiming"),
             "towers": (1, 2),
-            "remove_conv": (0, 3, 4, 5),
+            "remove_conv": (0, 2, 3, 4, 5),
+            "dropout_style": DROPOUT_STYLES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -111,11 +124,17 @@ class ModelConfig:
             changed = [
                 f.name
                 for f in dataclasses.fields(self)
-                if f.name not in ("name", "num_classes", "dropout", "input_size")
+                if f.name not in ("name", "num_classes", "dropout", "input_size", "dropout_style")
                 and getattr(self, f.name) != getattr(defaults, f.name)
             ]
             if changed:
                 raise AlexNetError(f"option(s) {', '.join(changed)} apply only to the paper variant, not 'torchvision'")
+            # torchvision's network is the one its published weights were trained as
+            # (nn.Dropout); paper-style dropout would halve fc6/fc7's outputs under them.
+            if self.dropout_style == "paper":
+                raise AlexNetError(
+                    "model.dropout_style 'paper' applies only to the paper variant; torchvision's is 'inverted'"
+                )
 
 
 def model_config(name: str = "paper", num_classes: int = 1000, **options: Any) -> ModelConfig:
@@ -244,6 +263,39 @@ def set_tower_convs(model: nn.Module, impl: str) -> None:
             module.split = impl == "split"
 
 
+class Dropout(nn.Module):
+    """Dropout of fc6 and fc7's outputs, as the paper (section 4.2) or as ``nn.Dropout``.
+
+    ``"paper"``: in training each unit is kept (times 1) with probability 1 - p and set to
+    zero otherwise; at test all units are kept and "multiplied by 0.5" (1 - p), so a unit's
+    test output equals its expected training output. ``"inverted"``: kept units are
+    multiplied by 1 / (1 - p) in training and test is the identity, as torch's nn.Dropout,
+    cuda-convnet's successors and Caffe do. Both have the same expectations up to the
+    factor 1 - p, which the next layer's weights absorb: a paper-style network equals an
+    inverted-style one whose fc7 and fc8 weights are multiplied by 1 - p
+    (tests/models/test_model.py), but with the paper's init and learning rate the inverted
+    style makes fc7 and fc8 see activations 1/(1-p) times larger in training.
+    """
+
+    def __init__(self, p: float, style: str = "paper") -> None:
+        super().__init__()
+        if style not in DROPOUT_STYLES:
+            raise AlexNetError(f"dropout style must be one of {', '.join(DROPOUT_STYLES)}; got {style!r}")
+        self.p, self.style = float(p), style
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.style == "inverted":
+            return F.dropout(x, self.p, self.training)
+        if not self.training:
+            return x * (1.0 - self.p)  # an exact no-op for p = 0
+        if self.p == 0.0:
+            return x
+        return x * torch.empty_like(x).bernoulli_(1.0 - self.p)  # mask of 0s and 1s, unscaled
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, style={self.style}"
+
+
 def _conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
@@ -265,13 +317,16 @@ class PaperAlexNet(InferenceInterface, nn.Module):
         self.act = nn.ReLU(inplace=True) if cfg.activation == "relu" else nn.Tanh()
         self.pool = nn.MaxPool2d(pool_k, stride=2)
         self.lrn1 = LocalResponseNorm(cfg.lrn, g) if cfg.lrn != "none" else nn.Identity()
-        self.lrn2 = LocalResponseNorm(cfg.lrn, g) if cfg.lrn != "none" else nn.Identity()
+        # LRN2 normalises conv2's responses, so it goes with conv2 (remove_conv=2).
+        has_lrn2 = cfg.lrn != "none" and cfg.remove_conv != 2
+        self.lrn2 = LocalResponseNorm(cfg.lrn, g) if has_lrn2 else nn.Identity()
 
         self.conv1 = nn.Conv2d(3, c1, cfg.conv1_kernel, cfg.conv1_stride, cfg.conv1_padding)
-        self.conv2 = TowerConv2d(c1, c2, 5, padding=2, groups=g)
-        # A removed middle layer passes its input channels on to the next layer.
-        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1) if cfg.remove_conv != 3 else None
-        c3_out = c3 if self.conv3 is not None else c2
+        # A removed layer passes its input channels on to the next layer.
+        self.conv2 = TowerConv2d(c1, c2, 5, padding=2, groups=g) if cfg.remove_conv != 2 else None
+        c2_out = c2 if self.conv2 is not None else c1
+        self.conv3 = nn.Conv2d(c2_out, c3, 3, padding=1) if cfg.remove_conv != 3 else None
+        c3_out = c3 if self.conv3 is not None else c2_out
         self.conv4 = TowerConv2d(c3_out, c4, 3, padding=1, groups=g) if cfg.remove_conv != 4 else None
         c4_out = c4 if self.conv4 is not None else c3_out
         self.conv5 = TowerConv2d(c4_out, c5, 3, padding=1, groups=g) if cfg.remove_conv != 5 else None
@@ -290,7 +345,7 @@ class PaperAlexNet(InferenceInterface, nn.Module):
         self.fc6 = nn.Linear(c5_out * side * side, cfg.fc_width)
         self.fc7 = nn.Linear(cfg.fc_width, cfg.fc_width)
         self.fc8 = nn.Linear(cfg.fc_width, cfg.num_classes)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, cfg.dropout_style)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -310,9 +365,15 @@ class PaperAlexNet(InferenceInterface, nn.Module):
                 nn.init.zeros_(layer.bias)
 
     def forward_conv(self, x: Tensor) -> Tensor:
-        """The five convolutional layers: (B, 3, 224, 224) -> pool5 (B, 256, 6, 6)."""
+        """The five convolutional layers: (B, 3, 224, 224) -> pool5 (B, 256, 6, 6).
+
+        A removed layer (remove_conv) is skipped; its pooling and LRN are discussed at conv2."""
         x = self.pool(self.lrn1(self.act(self.conv1(x))))  # conv1 (B, 96, 55, 55) -> (B, 96, 27, 27)
-        x = self.pool(self.lrn2(self.act(self.conv2(x))))  # conv2 (B, 256, 27, 27) -> (B, 256, 13, 13)
+        if self.conv2 is not None:
+            x = self.lrn2(self.act(self.conv2(x)))  # conv2 (B, 256, 27, 27)
+        # pool2 stays when conv2 is removed: conv3-5 then see 13x13 maps and fc6 its
+        # 6x6 input, as in the full net, so the ablation changes depth and nothing else.
+        x = self.pool(x)  # (B, 256, 13, 13)
         if self.conv3 is not None:
             x = self.act(self.conv3(x))  # (B, 384, 13, 13), sees both towers
         if self.conv4 is not None:
@@ -326,7 +387,11 @@ class PaperAlexNet(InferenceInterface, nn.Module):
         return self.forward_conv(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """pool5 map -> logits (B, num_classes), or with ``pre_logits`` the fc7 vector (B, 4096)."""
+        """pool5 map -> logits (B, num_classes), or with ``pre_logits`` the fc7 vector (B, 4096).
+
+        The fc7 vector is fc7's own output, before the dropout that follows fc7: with paper-style
+        dropout in eval mode the test-time factor 1 - p is applied to it only on the way to fc8.
+        fc6's factor does reach it, as it reaches fc7's input."""
         x = torch.flatten(x, 1)  # (B, 9216)
         x = self.dropout(self.act(self.fc6(x)))  # (B, 4096)
         x = self.act(self.fc7(x))  # (B, 4096)

@@ -339,6 +339,7 @@ def caffe_model_config(blobs: Blobs) -> ModelConfig:
         towers=2,
         width=blobs["conv1"][0].shape[0] / 96,
         fc_width=blobs["fc7"][0].shape[0],
+        dropout_style="inverted",  # Caffe's Dropout layer scales kept units by 1/(1-p) in training
     )
 
 

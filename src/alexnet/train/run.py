@@ -43,6 +43,7 @@ from torch import nn
 from alexnet import config as config_lib
 from alexnet.checkpoint import load_checkpoint, model_from_checkpoint
 from alexnet.config import Config
+from alexnet.data import holdout as holdout_lib
 from alexnet.data.augment import Preprocess, make_preprocess
 from alexnet.data.loader import EpochBatchSampler, closing_loaders
 from alexnet.data.source import open_training_data
@@ -165,7 +166,16 @@ def _run(given: Config, state: dict[str, Any] | None, run_dir: Path, d: Dist, st
         stats_max_images=given.data.stats_max_images,
         device=device,
         progress=progress,
+        holdout=given.data.holdout,
     )
+    if data.holdout is not None:
+        # Recorded so that a resume holds out exactly these images (data/holdout.py).
+        holdout_lib.check_record(run_dir, data.holdout, resuming=state is not None, write=d.is_main)
+        log.info(
+            "data.holdout %g: %d images of train/ drive the lr plateaus and best.pt (val/ is not read)",
+            given.data.holdout,
+            data.counts["val"],
+        )
     cfg = _resolved(given, root, data.classes)
     source = None
     if state is None and cfg.run.init_from:  # fine-tuning (finetune.py): the source's path and sha256 recorded
