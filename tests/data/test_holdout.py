@@ -64,9 +64,10 @@ def test_folder_holdout_comes_from_train_and_val_is_not_needed(tmp_path):
     assert open_training_data(root, 32, workers=0, holdout=2).holdout == data.holdout
 
 
-def test_store_holdout_gathers_the_same_images_as_the_train_split(tmp_path):
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_store_holdout_gathers_the_same_images_as_the_train_split(tmp_path, encoding):
     root = write_tree(tmp_path / "d", train=4, val=1)
-    prepare(root, tmp_path / "s", image_size=16, workers=0, progress=False)
+    prepare(root, tmp_path / "s", image_size=16, workers=0, progress=False, encoding=encoding)
     data = open_training_data(tmp_path / "s", 16, holdout=0.5)
     assert data.counts == {"train": 6, "val": 6}
     whole = open_training_data(tmp_path / "s", 16)

@@ -134,8 +134,16 @@ class SubsetSplit:
     def image_size(self) -> int:
         return self.base.image_size
 
-    def gather(self, positions: np.ndarray | list[int], out: np.ndarray) -> np.ndarray:
+    @property
+    def encoding(self) -> str:
+        return self.base.encoding  # "raw" or "jpeg": how StoreLoader reads the base split
+
+    def gather(self, positions: np.ndarray | list[int], out: Any) -> np.ndarray:
         return self.base.gather(self.positions[np.asarray(positions, dtype=np.int64)], out)
+
+    def decode_on(self, positions: np.ndarray | list[int], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+        """A JPEG base split's batch decoded on ``device`` (nvJPEG on CUDA)."""
+        return self.base.decode_on(self.positions[np.asarray(positions, dtype=np.int64)], device)
 
 
 def open_eval_data(
