@@ -16,7 +16,7 @@ from alexnet.errors import AlexNetError
 from alexnet.experiments.ablations import VARIANTS, AblationSettings, ablation_model_options, ablation_recipe
 from alexnet.experiments.batched import _dropout_specs, _masks, fit_batched
 from alexnet.experiments.common import make_pre, split_stats
-from alexnet.models.alexnet import create_model
+from alexnet.models.alexnet import Dropout, create_model
 from alexnet.models.figure1 import Figure1Net
 from alexnet.train.memory import Recipe, fit
 from conftest import make_split
@@ -93,7 +93,7 @@ def test_masks_are_those_of_eager_dropout() -> None:
     # generator seeded the same way (aten's CPU _dropout_impl: bernoulli_(1 - p) / (1 - p)).
     model = nn.Sequential(nn.Linear(5, 7), nn.Dropout(0.5), nn.Linear(7, 7), nn.Dropout(0.25))
     specs = _dropout_specs(model, torch.zeros(2, 5))
-    assert specs == [((7,), 0.5), ((7,), 0.25)]
+    assert specs == [((7,), 0.5, True), ((7,), 0.25, True)]
     gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
     masks = _masks(specs, 6, gens, CPU)
     for k, seed in enumerate((3, 4)):
@@ -101,6 +101,19 @@ def test_masks_are_those_of_eager_dropout() -> None:
         ones = torch.ones(6, 7)
         assert torch.equal(nn.functional.dropout(ones, 0.5, True), masks[0][k])
         assert torch.equal(nn.functional.dropout(ones, 0.25, True), masks[1][k])
+
+
+def test_masks_are_those_of_paper_style_dropout() -> None:
+    # The paper net's Dropout (model.dropout_style=paper) draws the same Bernoulli mask and
+    # does not scale it: the mask given to the batched step is 0s and 1s.
+    model = nn.Sequential(nn.Linear(5, 7), Dropout(0.5, "paper"), nn.Linear(7, 7), Dropout(0.25, "inverted"))
+    specs = _dropout_specs(model, torch.zeros(2, 5))
+    assert specs == [((7,), 0.5, False), ((7,), 0.25, True)]
+    masks = _masks(specs, 6, [torch.Generator().manual_seed(3)], CPU)
+    torch.manual_seed(3)
+    ones = torch.ones(6, 7)
+    assert torch.equal(model[1].train()(ones), masks[0][0])
+    assert torch.equal(model[3].train()(ones), masks[1][0])
 
 
 def test_batched_refuses_mismatched_seeds() -> None:

@@ -51,6 +51,7 @@ from alexnet.data.augment import Preprocess, train_batch
 from alexnet.data.cifar import ArraySplit
 from alexnet.errors import AlexNetError
 from alexnet.evaluate import topk_errors
+from alexnet.models.alexnet import Dropout
 from alexnet.train.memory import FitResult, Recipe, lr_at
 from alexnet.train.optim import PaperSGD
 
@@ -58,31 +59,44 @@ log = logging.getLogger("alexnet")
 
 
 class _GivenMask(nn.Module):
-    """Dropout whose mask (already divided by 1 - p) comes from a queue shared by the net's dropouts."""
+    """Dropout whose mask (already scaled: by 1 / (1 - p) inverted, by 1 paper-style) comes
+    from a queue shared by the net's dropouts."""
 
-    def __init__(self, p: float, queue: list[Tensor]) -> None:
+    def __init__(self, p: float, queue: list[Tensor], style: str = "inverted") -> None:
         super().__init__()
-        self.p, self.queue = p, queue
+        self.p, self.queue, self.style = p, queue, style
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0:  # aten's dropout draws nothing then
+        if not self.training:  # the paper's test-time factor; inverted dropout is the identity
+            return x * (1.0 - self.p) if self.style == "paper" else x
+        if self.p == 0:  # aten's dropout (and the paper-style module) draws nothing then
             return x
         return x * self.queue.pop(0)
 
 
-def _dropout_specs(model: nn.Module, sample: Tensor) -> list[tuple[tuple[int, ...], float]]:
-    """(feature shape, p) of every dropout call of one forward, in call order (a module used
+def _dropout_style(module: nn.Module) -> str | None:
+    """ "inverted" for nn.Dropout, the module's style for the paper net's Dropout, else None."""
+    if isinstance(module, nn.Dropout):
+        return "inverted"
+    if isinstance(module, Dropout):
+        return module.style
+    return None
+
+
+def _dropout_specs(model: nn.Module, sample: Tensor) -> list[tuple[tuple[int, ...], float, bool]]:
+    """(feature shape, p, scaled?) of every dropout call of one forward, in call order (a module used
     twice, as the paper net's ``dropout`` is, appears twice). Measured with hooks on a copy
     in eval mode, so no random number is drawn."""
     probe = copy.deepcopy(model).eval()
-    calls: list[tuple[tuple[int, ...], float]] = []
+    calls: list[tuple[tuple[int, ...], float, bool]] = []
 
     def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
         if module.p > 0:  # type: ignore[operator]
-            calls.append((tuple(args[0].shape[1:]), float(module.p)))  # type: ignore[arg-type]
+            scaled = _dropout_style(module) == "inverted"
+            calls.append((tuple(args[0].shape[1:]), float(module.p), scaled))  # type: ignore[arg-type]
 
     for m in probe.modules():
-        if isinstance(m, nn.Dropout):
+        if _dropout_style(m) is not None:
             m.register_forward_pre_hook(hook)
         elif isinstance(m, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
             raise AlexNetError(f"batched runs support nn.Dropout only, not {type(m).__name__}")
@@ -96,8 +110,9 @@ def _template(model: nn.Module, queue: list[Tensor]) -> nn.Module:
     t = copy.deepcopy(model).to("meta").train()
     for parent in list(t.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Dropout):
-                setattr(parent, name, _GivenMask(child.p, queue))
+            style = _dropout_style(child)
+            if style is not None:
+                setattr(parent, name, _GivenMask(child.p, queue, style))  # type: ignore[arg-type]
     return t
 
 
@@ -163,12 +178,15 @@ class BatchedStep:
 
 
 def _masks(
-    specs: list[tuple[tuple[int, ...], float]], n: int, gens: list[torch.Generator], device: torch.device
+    specs: list[tuple[tuple[int, ...], float, bool]], n: int, gens: list[torch.Generator], device: torch.device
 ) -> tuple:
-    """Every dropout call's masks for K runs, (K, n, *shape) each, drawn as aten's CPU dropout draws them."""
+    """Every dropout call's masks for K runs, (K, n, *shape) each, drawn as aten's CPU dropout
+    (and the paper-style Dropout, which draws the same Bernoulli mask and does not scale it) draws them."""
     out = []
-    for shape, p in specs:
-        per_run = [torch.empty((n, *shape), device=device).bernoulli_(1 - p, generator=g).div_(1 - p) for g in gens]
+    for shape, p, scaled in specs:
+        per_run = [torch.empty((n, *shape), device=device).bernoulli_(1 - p, generator=g) for g in gens]
+        if scaled:
+            per_run = [m.div_(1 - p) for m in per_run]
         out.append(torch.stack(per_run))
     return tuple(out)
 
