@@ -1,7 +1,7 @@
 """AlexNet (Krizhevsky, Sutskever & Hinton, NeurIPS 2012): the paper's network, data
 pipeline, training recipe and evaluation, and torchvision's variant."""
 
-from alexnet.checkpoint import load_model
+from alexnet.checkpoint import load_model, load_pretrained
 from alexnet.errors import AlexNetError
 from alexnet.models import (
     LocalResponseNorm,
@@ -24,6 +24,7 @@ __all__ = [
     "count_parameters",
     "create_model",
     "load_model",
+    "load_pretrained",
 ]
 
 __version__ = package_version()

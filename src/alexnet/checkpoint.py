@@ -40,6 +40,7 @@ from alexnet.data.augment import Preprocess, check_preprocess_state
 from alexnet.errors import AlexNetError
 from alexnet.files import atomic_write, torch_load
 from alexnet.models.alexnet import AlexNet, build_model
+from alexnet.models.interface import attach_inference
 
 log = logging.getLogger("alexnet")
 
@@ -108,7 +109,7 @@ def _check_version(state: dict[str, Any], path: Path) -> None:
 
 # Metadata keys of a .safetensors checkpoint; each value is a JSON string (safetensors
 # metadata is str -> str).
-_SAFETENSORS_META = ("format", "version", "config", "classes", "class_names", "crop_size", "source")
+_SAFETENSORS_META = ("format", "version", "config", "classes", "class_names", "crop_size", "source", "meta")
 
 
 def save_safetensors(path: Path, state: dict[str, Any]) -> None:
@@ -127,6 +128,7 @@ def save_safetensors(path: Path, state: dict[str, Any]) -> None:
         "class_names": list(state["class_names"]) if state.get("class_names") else None,
         "crop_size": int(pre["crop_size"]),
         "source": state.get("source", ""),
+        "meta": state.get("meta"),
     }
     metadata = {k: json.dumps(v) for k, v in values.items()}
     data = safetensors_bytes(tensors, metadata=metadata)
@@ -166,6 +168,8 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         ) from None
     if values.get("class_names"):
         state["class_names"] = values["class_names"]
+    if isinstance(values.get("meta"), dict):
+        state["meta"] = values["meta"]
     return state
 
 
@@ -331,16 +335,30 @@ def load_model(
         raise AlexNetError(f"{path} holds a '{saved.name}' model with {saved.num_classes} classes; expected {want}")
     model = _with_weights(meta_model, state).to(device).eval()
     classes = list(state["classes"])
-    return LoadedModel(
-        model=model,
-        preprocess=Preprocess.from_state_dict(state["preprocess"]).to(device),
-        classes=classes,
-        names=list(state.get("class_names") or classes),
-        config=state["config"],
+    names = list(state.get("class_names") or classes)
+    pre = Preprocess.from_state_dict(state["preprocess"])
+    meta = state.get("meta")  # what the weights' publisher says (named weights); absent from trained runs
+    attach_inference(
+        model, pre, classes, names, str(state.get("source") or path), meta if isinstance(meta, dict) else None
     )
+    return LoadedModel(model=model, preprocess=pre.to(device), classes=classes, names=names, config=state["config"])
 
 
 def load_for_inference(path: str | Path, device: torch.device | str = "cpu") -> tuple[AlexNet, Preprocess, list[str]]:
     """The model in eval mode on device, its preprocessing, and its class ids."""
     loaded = load_model(path, device)
     return loaded.model, loaded.preprocess, loaded.classes
+
+
+def load_pretrained(path: str | Path, num_classes: int | None = None, device: torch.device | str = "cpu") -> AlexNet:
+    """A checkpoint's network in train mode, to train further in Python; with ``num_classes``
+    other than its own, fc8 re-initialised by ``reset_classifier`` and every other layer
+    copied, as timm's ``create_model(..., pretrained=True, num_classes=N)`` does. Seed with
+    ``torch.manual_seed`` first for a reproducible fc8. ``alexnet train --init-from`` is
+    the same from the command line, with the checkpoint's preprocessing (train/finetune.py).
+    """
+    state = load_checkpoint(path)
+    model = model_from_checkpoint(state, path)
+    if num_classes is not None and num_classes != model.config.num_classes:
+        model.reset_classifier(num_classes)
+    return model.to(device).train()

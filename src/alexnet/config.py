@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from alexnet.errors import AlexNetError
-from alexnet.models.alexnet import ModelConfig
+from alexnet.models.alexnet import LAYER_NAMES, ModelConfig
 
 # 16 times the paper's 256: one decoded image is then 50 MB (3 x 4096 x 4096 bytes) and a
 # batch of 128 over 6 GB. Beyond that a size is a typo, refused before anything is allocated.
@@ -56,6 +56,10 @@ class DataConfig:
     flip: bool = True  # random horizontal reflections
     workers: int = -1  # decoding processes; -1: one per core
     stats_max_images: int = 0  # images used for the mean image and PCA; 0: the whole training set
+    # Images per class (a whole number) or a fraction of each class in (0, 1) held out of
+    # train/ as the split that drives the lr plateaus and best.pt, so val/ stays unseen
+    # until `alexnet evaluate`; 0: val/ drives them, as in the paper (data/holdout.py).
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("image_size", "crop_size"):
@@ -68,6 +72,9 @@ class DataConfig:
             raise AlexNetError(f"data.stats_max_images must be 0 or more; got {self.stats_max_images}")
         if not (math.isfinite(self.lighting_std) and self.lighting_std >= 0):
             raise AlexNetError(f"data.lighting_std must be 0 or more; got {self.lighting_std}")
+        from alexnet.data.holdout import check_setting
+
+        check_setting(self.holdout)
 
 
 @dataclass
@@ -93,6 +100,12 @@ class OptimConfig:
     # linear scaling rule of Goyal et al. 2017 ("Accurate, large minibatch SGD") for global
     # batches larger than the paper's.
     lr_scaling: str = "none"
+    # Fine-tuning (train/finetune.py). freeze: this layer and every one before it are fixed
+    # (conv1 ... fc7, the paper's names for both variants; "" trains all): not in the optimizer,
+    # so no gradient, weight decay or velocity. backbone_lr_scale: lr multiplier for every layer
+    # but fc8, the head; Caffe's fine-tuning recipes train copied layers at 1/10 of the new one.
+    freeze: str = ""
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         # "not x > 0" rather than "x <= 0": NaN fails every comparison and must be refused too.
@@ -115,11 +128,29 @@ class OptimConfig:
             raise AlexNetError(f"optim.accumulate must be 1 or more; got {self.accumulate}")
         if self.lr_scaling not in ("none", "linear"):
             raise AlexNetError(f"optim.lr_scaling must be none or linear; got {self.lr_scaling!r}")
+        if not (math.isfinite(self.backbone_lr_scale) and self.backbone_lr_scale > 0):
+            raise AlexNetError(
+                f"optim.backbone_lr_scale must be positive; got {self.backbone_lr_scale} "
+                "(to keep the copied layers fixed, freeze them: --freeze fc7)"
+            )
+        _check_freeze(self.freeze)
 
     @property
     def scaled_lr(self) -> float:
         """The starting learning rate after optim.lr_scaling (the paper's batch is 128)."""
         return self.lr * self.batch_size / 128 if self.lr_scaling == "linear" else self.lr
+
+
+def _check_freeze(layer: str) -> None:
+    frozen = LAYER_NAMES[:-1]  # fc8 is the head being trained
+    if layer in ("", "none", *frozen):
+        return
+    if layer == LAYER_NAMES[-1]:
+        raise AlexNetError("optim.freeze cannot be fc8, the layer being trained; the last it accepts is fc7")
+    raise AlexNetError(
+        f"unknown layer '{layer}' for optim.freeze (--freeze){_suggest(layer, list(frozen))}; "
+        f"layers: {', '.join(frozen)}"
+    )
 
 
 @dataclass
@@ -131,9 +162,16 @@ class RunConfig:
     progress: bool = True  # a progress bar per epoch (stderr)
     checkpoint_every: int = 0  # also checkpoint every this many steps inside an epoch; 0: at epoch ends only
     keep_checkpoints: int = 2  # history in checkpoints/step-N.pt besides last.pt and best.pt; 0: none
+    # TensorBoard step/train_loss, step/lr, step/images_per_s every this many steps (0: per epoch only);
+    # the loss is read back from the device only then.
+    log_every_steps: int = 50
+    # A checkpoint whose weights start the run (fine-tuning, train/finetune.py); its sha256
+    # is filled in when the run starts, and a run given one refuses a file that differs.
+    init_from: str | None = None
+    init_sha256: str = ""
 
     def __post_init__(self) -> None:
-        for key in ("checkpoint_every", "keep_checkpoints"):
+        for key in ("checkpoint_every", "keep_checkpoints", "log_every_steps"):
             if getattr(self, key) < 0:
                 raise AlexNetError(f"run.{key} must be 0 or more; got {getattr(self, key)}")
 
@@ -254,6 +292,12 @@ def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> Config:
                 raise AlexNetError(f"unknown config key {shown} in {origin}")
             flat[key if sub is None else f"{key}.{sub}"] = v
     sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+    if (
+        "model.dropout_style" not in flat
+        and flat.get("model.name", sections["model"]["name"]) != sections["model"]["name"]
+    ):
+        # The dropout style defaults by variant ("auto"): another model.name brings its own.
+        sections["model"]["dropout_style"] = "auto"
     for dotted, value in flat.items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS or not key:
@@ -380,6 +424,10 @@ def resolve(preset: str | None, overrides: dict[str, Any], origin: str = "comman
 
 
 def from_dict(values: dict[str, Any], origin: str) -> Config:
+    model = values.get("model") if isinstance(values, dict) else None
+    if isinstance(model, dict) and "dropout_style" not in model:
+        # Checkpoints from before model.dropout_style were all trained with nn.Dropout.
+        values = {**values, "model": {**model, "dropout_style": "inverted"}}
     return apply_overrides(Config(), values, origin)
 
 

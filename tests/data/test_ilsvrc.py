@@ -1,4 +1,4 @@
-"""ilsvrc.py and prepare from the official ILSVRC-2012 archives, on miniature archives of the same structure.
+"""ilsvrc.py and prepare from the official ILSVRC-2012 and -2010 archives, on miniature archives of the same structure.
 
 The miniature: a train tar of per-class tars of JPEGs, a flat val tar, and a devkit
 .tar.gz whose meta.mat (written with scipy.io.savemat, the devkit's field names) has a
@@ -56,9 +56,9 @@ def _tar_bytes(members: dict[str, bytes], mode: str = "w") -> bytes:
     return buf.getvalue()
 
 
-def _meta_mat(synsets: list[tuple[int, str, str, int]]) -> bytes:
+def _meta_mat(synsets: list[tuple[int, str, str, int]], id_field: str = "ILSVRC2012_ID") -> bytes:
     fields = [
-        "ILSVRC2012_ID",
+        id_field,
         "WNID",
         "words",
         "gloss",
@@ -259,3 +259,124 @@ def test_missing_scipy_is_a_clear_error(archives, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "scipy.io", None)  # import scipy.io now raises ImportError
     with pytest.raises(AlexNetError, match=r"needs scipy: pip install 'alexnet\[imagenet\]'"):
         ilsvrc.read_devkit(root / ilsvrc.DEVKIT)
+
+
+# --------------------------------------------------------------------------------------
+# ILSVRC-2010: the layout of its devkit readme and of fuel's converter (ilsvrc.py cites
+# both): devkit-1.0/data/..., val and test tars of numbered JPEGs, and the public test
+# ground truth beside the archives.
+
+TEST_IDS = [2, 3, 1, 1, 3, 2]  # ground truth of test images 1..6 (ILSVRC2010_IDs)
+
+
+def make_ilsvrc2010(root: Path, test: bool = True, test_truth: bool = True) -> dict[str, dict[str, bytes]]:
+    """The 2010 archives under root; the second training image of n0200 is stored gzipped."""
+    import gzip
+
+    r = ilsvrc.ILSVRC2010
+    root.mkdir(parents=True, exist_ok=True)
+    train = {}
+    with tarfile.open(root / r.train_tar, "w") as outer:
+        for k, wnid in enumerate(["n0100", "n0200", "n0300"]):
+            images = {f"{wnid}_{i}.JPEG": _jpeg_bytes(100 * k + i) for i in range(2)}
+            train.update({f"{wnid}/{n}": b for n, b in images.items()})
+            stored = {n: gzip.compress(b, mtime=0) if n == "n0200_1.JPEG" else b for n, b in images.items()}
+            _add(outer, f"{wnid}.tar", _tar_bytes(stored))
+    val = {f"val/ILSVRC2010_val_{n:08d}.JPEG": _jpeg_bytes(10_000 + n) for n in range(1, len(VAL_IDS) + 1)}
+    (root / r.val_tar).write_bytes(_tar_bytes(val))
+    tests = {f"test/ILSVRC2010_test_{n:08d}.JPEG": _jpeg_bytes(20_000 + n) for n in range(1, len(TEST_IDS) + 1)}
+    if test:
+        (root / r.test_tar).write_bytes(_tar_bytes(tests))
+    if test_truth:
+        (root / r.test_truth).write_text("".join(f"{i}\n" for i in TEST_IDS))
+    devkit = {
+        "devkit-1.0/data/meta.mat": _meta_mat(SYNSETS, "ILSVRC2010_ID"),
+        "devkit-1.0/data/ILSVRC2010_validation_ground_truth.txt": "".join(f"{i}\n" for i in VAL_IDS).encode(),
+        "devkit-1.0/readme.txt": b"ILSVRC2010 Development Kit",
+    }
+    (root / r.devkit).write_bytes(_tar_bytes(devkit, "w:gz"))
+    return {"train": train, "val": val, "test": tests}
+
+
+def test_2010_scan_reads_train_val_and_the_public_test_labels(tmp_path: Path) -> None:
+    root = tmp_path / "ilsvrc2010"
+    files = make_ilsvrc2010(root)
+    classes, words, splits = ilsvrc.scan_ilsvrc(root)
+    assert classes == ["n0100", "n0200", "n0300"] and words["n0300"] == "trombone"
+    assert set(splits) == {"train", "val", "test"}
+    assert splits["train"][2] == [0, 0, 1, 1, 2, 2]
+    wnid_of_id = {i: w for i, w, _, _ in SYNSETS}
+    assert splits["val"][2] == [classes.index(wnid_of_id[i]) for i in VAL_IDS]
+    archive, members, labels = splits["test"]
+    assert labels == [classes.index(wnid_of_id[i]) for i in TEST_IDS] == [0, 1, 2, 2, 1, 0]
+    raw = archive.read_bytes()
+    assert [raw[o : o + s] for _, o, s in members] == list(files["test"].values())
+    # Without the test archive there is no test split; a test archive needs its labels.
+    (root / ilsvrc.ILSVRC2010.test_tar).unlink()
+    assert set(ilsvrc.scan_ilsvrc(root)[2]) == {"train", "val"}
+    make_ilsvrc2010(root, test_truth=False)
+    (root / ilsvrc.ILSVRC2010.test_truth).unlink()
+    with pytest.raises(AlexNetError, match="lacks ILSVRC2010_test_ground_truth.txt"):
+        ilsvrc.scan_ilsvrc(root)
+    (root / ilsvrc.ILSVRC2010.test_truth).write_text("1\n2\n")
+    with pytest.raises(
+        AlexNetError, match="ILSVRC2010_images_test.tar has 6 images, ILSVRC2010_test_ground_truth.txt 2"
+    ):
+        ilsvrc.scan_ilsvrc(root)
+    (root / ilsvrc.ILSVRC2010.test_truth).write_text("1\n2\n3\n4\n1\n1\n")  # 4 is not a leaf synset
+    with pytest.raises(AlexNetError, match="names synsets that are not classes: n0000"):
+        ilsvrc.scan_ilsvrc(root)
+
+
+def test_2010_store_test_split_evaluates_as_the_same_images_in_a_folder(tmp_path: Path, capsys) -> None:
+    # The reference: the same JPEGs as an ImageFolder tree, evaluated by the folder path.
+    from alexnet.cli import main
+    from conftest import write_tiny_checkpoint
+
+    root = tmp_path / "ilsvrc2010"
+    files = make_ilsvrc2010(root)
+    report = prepare(root, tmp_path / "store", image_size=32, workers=0, chunk_size=4, progress=False)
+    assert report.skipped == []  # the gzipped JPEG decoded
+    s = store.open_store(tmp_path / "store")
+    assert s.header["prepare"]["params"]["source"] == "ilsvrc2010" and {n: len(p) for n, p in s.splits.items()} == {
+        "train": 6,
+        "val": 5,
+        "test": 6,
+    }
+    out = np.empty((6, 32, 32, 3), np.uint8)
+    s.split("train").gather(list(range(6)), out)
+    np.testing.assert_array_equal(out[3], _decode(files["train"]["n0200/n0200_1.JPEG"], 32))
+
+    classes = ["n0100", "n0200", "n0300"]
+    wnid_of_id = {i: w for i, w, _, _ in SYNSETS}
+    for (name, data), sid in zip(files["test"].items(), TEST_IDS):
+        path = tmp_path / "folder" / "test" / wnid_of_id[sid] / Path(name).name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt", classes)
+    results = {}
+    for name, data in (("store", tmp_path / "store"), ("folder", tmp_path / "folder")):
+        argv = ["evaluate", str(ckpt), "--data", str(data), "--split", "test", "--device", "cpu", "--workers", "0"]
+        assert main([*argv, "--json", str(tmp_path / f"{name}.json")]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert "(test split): 6 images, 3 classes" in capsys.readouterr().out
+    for patches in ("centre", "ten_patches"):
+        a, b = results["store"][patches], results["folder"][patches]
+        assert a["images"] == b["images"] == 6 and results["store"]["split"] == "test"
+        assert (a["top1_error"], a["top5_error"]) == (b["top1_error"], b["top5_error"])
+    assert main(["evaluate", str(ckpt), "--data", str(tmp_path / "ilsvrc2010"), "--split", "test"]) == 2
+    assert "has no test/ folder" in capsys.readouterr().err
+
+
+def test_gzipped_members_are_bounded_and_damage_is_a_bad_image(monkeypatch) -> None:
+    import gzip
+
+    from alexnet.data import chunks
+    from alexnet.data.images import BadImage
+
+    assert chunks._gunzip(gzip.compress(b"\xff\xd8 jpeg bytes")) == b"\xff\xd8 jpeg bytes"
+    with pytest.raises(BadImage, match="does not decompress"):
+        chunks._gunzip(gzip.compress(b"x" * 1000)[:12] + b"\0" * 20)
+    monkeypatch.setattr(chunks, "_MAX_GUNZIPPED", 1 << 20)
+    with pytest.raises(BadImage, match="of over 1 MiB"):
+        chunks._gunzip(gzip.compress(b"\0" * (2 << 20)))  # a tiny member that inflates hugely

@@ -68,13 +68,43 @@ def test_each_variant_changes_only_its_component(name: str) -> None:
         "no-pca-lighting": set(),  # a data change: the recipe's lighting_std
         "one-tower-half": {"towers", "width"},
         "one-tower": {"towers"},
+        "no-conv2": {"remove_conv"},
+        "no-conv3": {"remove_conv"},
         "no-conv4": {"remove_conv"},
+        "no-conv5": {"remove_conv"},
     }[name]
     assert changed == expected
     net = create_model("paper", 10, **options)
     assert net(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
     if name == "one-tower-half":
         assert options["width"] == settings.width / 2
+    if name.startswith("no-conv"):
+        removed = int(name[-1])
+        assert options["remove_conv"] == removed and getattr(net, f"conv{removed}") is None
+        assert net.feature_shape[1:] == (2, 2)  # pool2 kept: fc6 sees the baseline's 2x2 maps
+
+
+def test_every_conv_removal_runs_in_reduced_mode(cifar_tree: Path, tmp_path: Path, capsys) -> None:
+    removals = [f"no-conv{i}" for i in (2, 3, 4, 5)]
+    argv = ["experiment", "ablations", "--data", str(cifar_tree), "--reduced", "--seeds", "1", "--device", "cpu"]
+    assert main([*argv, "--variants", ",".join(["baseline", *removals]), "--out", str(tmp_path / "ab")]) == 0
+    assert "removing any middle conv layer costs about 2 top-1" in capsys.readouterr().out
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "ab" / "summary.json").read_text())["rows"]}
+    base = rows["baseline"]
+    for name in removals:
+        assert rows[name]["effect"] == pytest.approx(rows[name]["mean"] - base["mean"])
+        assert 0.0 <= rows[name]["mean"] <= 1.0
+    runs = {}
+    for path in (tmp_path / "ab" / "runs").glob("*.json"):
+        run = json.loads(path.read_text())
+        runs[run["variant"]] = run["parameters"]
+    for name in removals:
+        built = create_model("paper", 10, **ablation_model_options(REDUCED_ABLATIONS, VARIANTS[name]))
+        # Not always fewer: without conv5, fc6 reads conv4's 48 maps instead of 32.
+        assert runs[name] == sum(p.numel() for p in built.parameters()) != runs["baseline"]
+    # By hand at width 0.125 (conv widths 12-32-48-48-32): conv2 has 32 * (12/2) * 5 * 5 + 32
+    # parameters, and conv3 then reads 12 maps instead of 32: 48 * 20 * 3 * 3 fewer weights.
+    assert runs["baseline"] - runs["no-conv2"] == 32 * 6 * 25 + 32 + 48 * 20 * 9
 
 
 def test_ablations_reduced_table_seeds_and_rerun(

@@ -31,7 +31,8 @@ def test_paper_shapes_conv1_55_and_pool5_6x6x256():
     x = torch.randn(2, 3, 224, 224)
     assert model.conv1(x).shape == (2, 96, 55, 55)
     assert model.forward_conv(x).shape == (2, 256, 6, 6)
-    assert model.forward_features(x).shape == (2, 4096)
+    assert model.forward_features(x).shape == (2, 256, 6, 6)  # timm's name: the last convolutional map
+    assert model.fc7_features(x).shape == (2, 4096)  # the Figure 4 feature space
     assert model(x).shape == (2, 1000)
 
 
@@ -185,8 +186,27 @@ def test_torchvision_state_dict_loads_and_gives_the_same_logits():
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
         # fc7 activations are the input of torchvision's last layer
-        features = torch.flatten(reference.avgpool(reference.features(x)), 1)
-        torch.testing.assert_close(ours.forward_features(x), reference.classifier[:6](features))
+        pooled = reference.avgpool(reference.features(x))
+        torch.testing.assert_close(ours.forward_features(x), pooled, rtol=0, atol=0)
+        fc7 = reference.classifier[:6](torch.flatten(pooled, 1))
+        torch.testing.assert_close(ours.fc7_features(x), fc7)
+        torch.testing.assert_close(ours.forward_head(pooled, pre_logits=True), fc7)
+        torch.testing.assert_close(ours.forward_head(pooled), reference.classifier(torch.flatten(pooled, 1)))
+
+
+@pytest.mark.parametrize("name", ["paper", "torchvision"])
+def test_forward_is_forward_head_of_forward_features(name):
+    # timm's split: forward_features gives the last convolutional map, forward_head the rest.
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        conv = model.forward_features(x)
+        assert conv.shape == (2, 256, 6, 6)
+        torch.testing.assert_close(model.forward_head(conv), model(x), rtol=0, atol=0)
+        fc7 = model.forward_head(conv, pre_logits=True)
+        assert fc7.shape == (2, 4096)
+        torch.testing.assert_close(fc7, model.fc7_features(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["paper", "torchvision"])
@@ -206,6 +226,7 @@ def test_every_parameter_receives_a_gradient(name):
         dict(pooling="non-overlap"),
         dict(towers=1),
         dict(dropout=0.0),
+        dict(remove_conv=2),
         dict(remove_conv=3),
         dict(remove_conv=4),
         dict(remove_conv=5),

@@ -105,3 +105,42 @@ def test_cli_export(tiny_checkpoint, tmp_path, capsys):
     assert "parity with PyTorch on random batches of 1, 3: max |diff|" in out
     assert main(["export", str(tmp_path / "missing.pt"), "--format", "onnx", "--out", str(tmp_path / "y.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_exports_follow_the_dropout_style(tiny_checkpoint, tmp_path):
+    # The tiny checkpoint is paper style (fc6/fc7 outputs x0.5 at test). The same file as
+    # inverted style with fc7 and fc8 weights halved is the same function (hand-derived:
+    # W (0.5 h) = (0.5 W) h); an old file without the key loads as inverted, unhalved.
+    from alexnet.checkpoint import save_checkpoint
+
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    assert state["config"]["model"]["dropout_style"] == "paper"
+    halved = {
+        **state,
+        "config": {**state["config"], "model": {**state["config"]["model"], "dropout_style": "inverted"}},
+    }
+    halved["model"] = {k: v * 0.5 if k in ("fc7.weight", "fc8.weight") else v for k, v in state["model"].items()}
+    save_checkpoint(tmp_path / "halved.pt", halved)
+    legacy = {**state, "config": {**state["config"], "model": dict(state["config"]["model"])}}
+    del legacy["config"]["model"]["dropout_style"]
+    save_checkpoint(tmp_path / "legacy.pt", legacy)
+    assert load_model(tmp_path / "legacy.pt").model.dropout.style == "inverted"
+
+    x = torch.rand(3, 3, 28, 28) * 255
+    outputs = {}
+    for name, path in (
+        ("paper", tiny_checkpoint),
+        ("halved", tmp_path / "halved.pt"),
+        ("legacy", tmp_path / "legacy.pt"),
+    ):
+        export(path, "onnx", tmp_path / f"{name}.onnx")
+        session = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        [outputs[name]] = session.run(None, {"image": x.numpy()})
+        export(path, "torchscript", tmp_path / f"{name}.ts")
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                torch.jit.load(str(tmp_path / f"{name}.ts"))(x).numpy(), outputs[name], atol=1e-4
+            )
+    np.testing.assert_allclose(outputs["paper"], outputs["halved"], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(outputs["paper"], outputs["legacy"], rtol=1e-3, atol=1e-4)

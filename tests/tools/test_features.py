@@ -42,13 +42,15 @@ def test_features_are_fc7_of_the_centre_patch(folder, tiny_checkpoint):
     assert len(index.skipped) == 1 and "broken.jpg" in index.skipped[0]
     assert index.features.shape == (4, 32) and index.features.dtype == np.float32
     # The reference: decode one image, take the centre 28x28 of its 32x32, subtract the
-    # mean image there, divide by the std, run fc6 and fc7 with their ReLUs.
+    # mean image there, divide by the std, run fc6 and fc7 with their ReLUs; the tiny
+    # checkpoint is paper-style dropout, so fc7 sees fc6's outputs times 0.5 (section 4.2)
+    # and fc7's own outputs are returned unscaled (their 0.5 applies on the way to fc8).
     pre, model = loaded.preprocess, loaded.model
     image = torch.from_numpy(load_image(folder / "b" / "two.jpg", 32)).permute(2, 0, 1).float()
     patch = ((image - pre.mean)[:, 2:30, 2:30] / pre.std.view(3, 1, 1))[None]
     with torch.no_grad():
         x = model.forward_conv(patch).flatten(1)
-        expected = torch.relu(model.fc7(torch.relu(model.fc6(x))))
+        expected = torch.relu(model.fc7(0.5 * torch.relu(model.fc6(x))))
     np.testing.assert_allclose(index.features[2], expected[0].numpy(), rtol=1e-5, atol=1e-5)
     assert (index.features >= 0).all()  # after the ReLU
 

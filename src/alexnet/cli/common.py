@@ -30,10 +30,20 @@ def config_args(p: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace):
     from alexnet import config as config_lib
 
+    return config_lib.resolve(default_preset(args), config_overrides(args))
+
+
+def default_preset(args: argparse.Namespace) -> str:
+    return args.preset or ("paper" if args.data else "shapes")
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The ``section.key`` values the command line sets: its flags, then every --set."""
+    from alexnet import config as config_lib
+
     overrides: dict[str, object] = {}
     if args.data:
         overrides["data.root"] = args.data
-    preset = args.preset or ("paper" if args.data else "shapes")
     for flag, key in [
         ("model", "model.name"),
         ("epochs", "optim.epochs"),
@@ -43,6 +53,8 @@ def resolve_config(args: argparse.Namespace):
         ("device", "run.device"),
         ("workers", "data.workers"),
         ("out", "run.out"),
+        ("freeze", "optim.freeze"),
+        ("init_from", "run.init_from"),
     ]:
         value = getattr(args, flag, None)
         if value is not None:
@@ -50,7 +62,7 @@ def resolve_config(args: argparse.Namespace):
     if getattr(args, "no_progress", False):
         overrides["run.progress"] = False
     overrides.update(config_lib.parse_assignments(args.set))
-    return config_lib.resolve(preset, overrides)
+    return overrides
 
 
 def print_per_image(

@@ -21,6 +21,11 @@ def register(sub: Any) -> None:
         "--data", required=True, help="a dataset root (its val/ split is used), a folder of class folders, or a store"
     )
     add_runtime(e)
+    e.add_argument(
+        "--split",
+        choices=("val", "test"),
+        help="the split of a store or dataset root: val (the default) or test (ILSVRC-2010's, whose labels are public)",
+    )
     e.add_argument("--centre-only", action="store_true", help="skip the ten-patch evaluation")
     e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     e.set_defaults(handler=cmd_evaluate)
@@ -53,6 +58,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         -1 if args.workers is None else args.workers,
         device,
         classes_from=args.checkpoints[0],
+        split=args.split,
     )
     from alexnet.data.loader import closing_loaders
 
@@ -64,12 +70,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         logging.getLogger("alexnet").warning("skipped %d unreadable images, e.g. %s", len(skipped), skipped[0])
     results = {name: r.as_dict() for name, r in evaluated.items()}
     what = f"ensemble of {len(models)}" if len(models) > 1 else "1 model"
-    print(f"{folder}: {results['centre']['images']} images, {len(classes)} classes, {what}")
+    where = f"{folder} ({args.split} split)" if args.split else folder
+    print(f"{where}: {results['centre']['images']} images, {len(classes)} classes, {what}")
     print(f"{'':14s}{'top-1 err':>10s}{'top-5 err':>10s}")
     for name, r in results.items():
         print(f"{name:14s}{100 * r['top1_error']:9.2f}%{100 * r['top5_error']:9.2f}%")
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"checkpoints": args.checkpoints, "data": str(folder), **results}, indent=2)
+            json.dumps(
+                {"checkpoints": args.checkpoints, "data": str(folder), "split": args.split, **results},
+                indent=2,
+            )
         )
     return 0

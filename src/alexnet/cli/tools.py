@@ -22,9 +22,17 @@ def register(sub: Any) -> None:
     pr.set_defaults(handler=cmd_predict)
 
     w = sub.add_parser("import-weights", help="turn torchvision or Caffe AlexNet weights into an alexnet checkpoint")
-    w.add_argument("source", metavar="SRC", help="alexnet-owt-*.pth, bvlc_alexnet.caffemodel or bvlc_alexnet.npy")
-    w.add_argument("--format", required=True, choices=("torchvision", "caffe-npy", "caffemodel"))
-    w.add_argument("--out", required=True, help="checkpoint to write: .pt, or .safetensors")
+    w.add_argument(
+        "source",
+        metavar="SRC",
+        help="torchvision:IMAGENET1K_V1 (downloaded once into torch.hub's cache), or a file: "
+        "alexnet-owt-*.pth, bvlc_alexnet.caffemodel or bvlc_alexnet.npy",
+    )
+    w.add_argument("out_path", nargs="?", metavar="OUT", help="checkpoint to write (same as --out)")
+    w.add_argument("--format", choices=("torchvision", "caffe-npy", "caffemodel"), help="the file's format")
+    w.add_argument(
+        "--out", help="checkpoint to write: .pt, or .safetensors (named weights: default torchvision-NAME.pt)"
+    )
     w.add_argument(
         "--classes",
         metavar="FILE",
@@ -106,10 +114,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
+    from alexnet.tools import named_weights
     from alexnet.tools.weights import import_weights, write_checkpoint
 
-    state = import_weights(args.source, args.format, args.classes, args.mean)
-    out = write_checkpoint(state, args.out)
+    if args.out_path and args.out and args.out_path != args.out:
+        raise AlexNetError(f"two outputs given: {args.out_path} and --out {args.out}")
+    out_arg = args.out_path or args.out
+    if named_weights.is_named(args.source):
+        if args.format or args.classes or args.mean:
+            raise AlexNetError(f"{args.source} names published weights: --format, --classes and --mean apply to files")
+        member = named_weights.resolve(args.source)
+        state = named_weights.named_checkpoint_state(member, progress=True)
+        out_arg = out_arg or f"torchvision-{member.name}.pt"
+    else:
+        if not args.format or not out_arg:
+            raise AlexNetError("a weights file needs --format and an output (OUT or --out)")
+        state = import_weights(args.source, args.format, args.classes, args.mean)
+    out = write_checkpoint(state, out_arg)
     model = state["config"]["model"]
     print(f"{out}: {model['name']} variant, {len(state['classes'])} classes, from {state['source']}")
     return 0

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alexnet.cli.common import add_runtime, config_args, resolve_config
+from alexnet.cli.common import add_runtime, config_args, config_overrides, default_preset, resolve_config
 from alexnet.errors import AlexNetError
 
 
@@ -30,6 +30,13 @@ def register(sub: Any) -> None:
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    t.add_argument(
+        "--init-from", metavar="CKPT",
+        help="fine-tune: start from this checkpoint's weights and preprocessing (fc8 new for other classes)",
+    )  # fmt: skip
+    t.add_argument(
+        "--freeze", metavar="LAYER", help="keep LAYER and every layer before it fixed (conv1 ... fc7; optim.freeze)"
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument(
         "--nproc", type=int, metavar="N",
@@ -73,7 +80,8 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
 
 def _recipe_options_given(args: argparse.Namespace) -> list[str]:
     """The options given that set a run's recipe, which a resumed run keeps (--data, --model, ...)."""
-    fixed = [f"--{name.replace('_', '-')}" for name in ("data", "preset", "model", "lr", "batch_size", "seed", "out")]
+    names = ("data", "preset", "model", "lr", "batch_size", "seed", "out", "freeze")
+    fixed = [f"--{name.replace('_', '-')}" for name in names]
     return [flag for flag in fixed if getattr(args, flag[2:].replace("-", "_")) is not None] + (
         ["--set"] if args.set else []
     )
@@ -82,11 +90,16 @@ def _recipe_options_given(args: argparse.Namespace) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     from alexnet.train import check_resume_changes, resume, train
     from alexnet.train.distributed import from_env
+    from alexnet.train.finetune import finetune_config
 
     if args.nproc is not None:
         if from_env().active:
             raise AlexNetError("--nproc starts torchrun itself; under torchrun leave it out")
         return _launch_torchrun(args)
+    if args.resume and args.init_from:
+        raise AlexNetError(
+            f"--init-from starts a new run from a checkpoint's weights, --resume continues {args.resume}: give one"
+        )
     if args.resume:
         check_resume_changes(args.resume, _recipe_options_given(args), args.model)
         run_dir = resume(
@@ -98,6 +111,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     else:
         cfg = resolve_config(args)
+        if cfg.run.init_from:  # --init-from, or run.init_from from --set or a preset file
+            overrides = {**config_overrides(args), "run.init_from": cfg.run.init_from}
+            cfg = finetune_config(cfg.run.init_from, args.preset, overrides, default_preset=default_preset(args))
         if not args.out and not any(s.startswith("run.out=") for s in args.set):
             if from_env().active:  # the default name is a time stamp: ranks would disagree
                 raise AlexNetError("with several processes give the run directory explicitly: --out RUN_DIR")

@@ -1,7 +1,7 @@
 """The work of ``alexnet prepare`` (prepare.py) on one chunk of consecutive images, run in pool processes.
 
-:func:`write_chunk` decodes a chunk into the store's memory-mapped images file and
-returns its progress record; :func:`chunk_sums` sums a written chunk for the training
+:func:`write_chunk` decodes a chunk and writes it into the store's images file (raw) or
+into its own part file (JPEG, jpegstore.py), and returns its progress record; :func:`chunk_sums` sums a written chunk for the training
 statistics. Both take plain picklable arguments, so prepare.py can hand them to a
 process pool (or call them in-process with ``workers=0``).
 """
@@ -12,12 +12,15 @@ import io
 import os
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from alexnet.data import jpegstore
 from alexnet.data.ilsvrc import Member
 from alexnet.data.images import BadImage, load_image
+from alexnet.files import atomic_write
 
 _archives: dict[str, int] = {}  # archive path -> file descriptor, one per worker process
 
@@ -32,7 +35,27 @@ def _decode(member: Member, archive: str | None, image_size: int) -> np.ndarray:
     data = os.pread(fd, size, offset)
     if len(data) != size:
         raise BadImage(f"the archive ends {size - len(data)} bytes before the end of this member")
+    if data[:2] == _GZIP_MAGIC:
+        data = _gunzip(data)
     return load_image(io.BytesIO(data), image_size)
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+# ILSVRC-2010's archives hold some JPEGs gzip-compressed under a .JPEG name (fuel's
+# converter, mila-iqia/fuel fuel/converters/ilsvrc2010.py, decompresses them too). JPEG
+# data does not compress, so a member that inflates to over 64 MiB is no such image.
+_MAX_GUNZIPPED = 64 << 20
+
+
+def _gunzip(data: bytes) -> bytes:
+    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
+    try:
+        out = inflate.decompress(data, _MAX_GUNZIPPED)
+    except zlib.error as e:
+        raise BadImage(f"a gzip-compressed member that does not decompress ({e})") from None
+    if inflate.unconsumed_tail:
+        raise BadImage(f"a gzip-compressed member of over {_MAX_GUNZIPPED >> 20} MiB")
+    return out
 
 
 @dataclass
@@ -44,10 +67,12 @@ class ChunkTask:
     archive: str | None
     members: list[Member]
     image_size: int
+    encoding: str = "raw"  # or "jpeg": images_path is then the chunk's part file
+    quality: int = 0  # JPEG quality
 
 
 def write_chunk(task: ChunkTask) -> dict[str, Any]:
-    """Decode one chunk, write it into the store's memory map and flush; returns its progress record."""
+    """Decode one chunk, write it durably (raw: into the images file; JPEG: its part file); returns its progress record."""
     s = task.image_size
     buf = np.zeros((len(task.members), s, s, 3), dtype=np.uint8)
     skipped = []
@@ -56,11 +81,28 @@ def write_chunk(task: ChunkTask) -> dict[str, Any]:
             buf[i] = _decode(member, task.archive, s)
         except BadImage as e:
             skipped.append([task.start + i, member[0], str(e)])
-    images = np.load(task.images_path, mmap_mode="r+")
-    images[task.start : task.start + len(buf)] = buf
-    images.flush()  # on disk before the chunk is recorded as done
-    del images
-    return {"split": task.split, "chunk": task.chunk, "crc32": zlib.crc32(buf.data), "skipped": skipped}
+    record: dict[str, Any] = {"split": task.split, "chunk": task.chunk, "skipped": skipped}
+    if task.encoding == jpegstore.ENCODING:
+        bad = {slot - task.start for slot, _, _ in skipped}
+        data, lengths, sse = jpegstore.encode_chunk(buf, [i not in bad for i in range(len(buf))], task.quality)
+        atomic_write(Path(task.images_path), lambda f: f.write(data))  # durable before it is recorded
+        record.update(crc32=zlib.crc32(data), lengths=lengths, sse=sse)
+        return record
+    # One pwrite at the chunk's place and an fdatasync, rather than mapping the file in
+    # every worker and msync-ing the whole mapping after every chunk.
+    from alexnet.data.store import npy_layout
+
+    offset = npy_layout(Path(task.images_path))[2] + task.start * s * s * 3
+    fd = os.open(task.images_path, os.O_WRONLY)
+    try:
+        view, written = memoryview(buf).cast("B"), 0
+        while written < len(view):
+            written += os.pwrite(fd, view[written:], offset + written)
+        os.fdatasync(fd)  # on disk before the chunk is recorded as done
+    finally:
+        os.close(fd)
+    record["crc32"] = zlib.crc32(buf.data)
+    return record
 
 
 def chunk_sums(args: tuple[str, int, int, np.ndarray]) -> tuple[np.ndarray, list[int], list[list[int]], int]:
@@ -71,13 +113,16 @@ def chunk_sums(args: tuple[str, int, int, np.ndarray]) -> tuple[np.ndarray, list
     """
     path, start, stop, valid = args
     images = np.load(path, mmap_mode="r")
-    s = images.shape[1]
+    return sum_images(images[np.flatnonzero(valid) + start], images.shape[1])
+
+
+def sum_images(images: np.ndarray | list[np.ndarray], s: int) -> tuple[np.ndarray, list[int], list[list[int]], int]:
+    """The sums of :func:`chunk_sums` over n (S, S, 3) uint8 images (an array or a list of them)."""
     image_sum = np.zeros((s, s, 3), dtype=np.uint64)
     rgb_sum = np.zeros(3, dtype=np.uint64)
     outer = [[0] * 3 for _ in range(3)]
-    slots = np.flatnonzero(valid) + start
-    for b in range(0, len(slots), 8):
-        block = images[slots[b : b + 8]]  # (<=8, S, S, 3) uint8
+    for b in range(0, len(images), 8):
+        block = np.asarray(images[b : b + 8])  # (<=8, S, S, 3) uint8
         image_sum += block.sum(0, dtype=np.uint64)
         pixels = block.reshape(-1, 3).astype(np.float64)
         rgb_sum += pixels.sum(0).astype(np.uint64)
@@ -85,4 +130,4 @@ def chunk_sums(args: tuple[str, int, int, np.ndarray]) -> tuple[np.ndarray, list
         for i in range(3):
             for j in range(3):
                 outer[i][j] += int(products[i, j])
-    return image_sum, [int(v) for v in rgb_sum], outer, len(slots)
+    return image_sum, [int(v) for v in rgb_sum], outer, len(images)

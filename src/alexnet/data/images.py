@@ -245,6 +245,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def square_image(img: Image.Image, size: int) -> np.ndarray:
+    """An open image as RGB, its shorter side rescaled to ``size``, the central square: (size, size, 3) uint8."""
+    img = _to_rgb(img)
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.array(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
 def load_image(path: str | Path | BinaryIO, size: int) -> np.ndarray:
     """Decode, rescale the shorter side to ``size`` and keep the central square: (size, size, 3) uint8.
 
@@ -267,14 +278,7 @@ def load_image(path: str | Path | BinaryIO, size: int) -> np.ndarray:
                 # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when that still
                 # leaves the shorter side >= size: several times faster on ImageNet.
                 img.draft("RGB", (size, size))
-                img = ImageOps.exif_transpose(img)
-                img = _to_rgb(img)
-                w, h = img.size
-                scale = size / min(w, h)
-                nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-                img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-                left, top = (nw - size) // 2, (nh - size) // 2
-                return np.array(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+                return square_image(ImageOps.exif_transpose(img), size)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

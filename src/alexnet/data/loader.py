@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import functools
 import os
+import queue
 import signal
 import weakref
 from collections.abc import Iterator
@@ -210,3 +211,27 @@ def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int) -> W
         # dropout masks than the uninterrupted one.
         generator=torch.Generator().manual_seed(0),
     )
+
+
+class PinnedRing:
+    """Reusable pinned host buffers for batches on their way to the GPU.
+
+    ``take`` hands out a free buffer, first waiting (in the gathering thread, never the
+    training thread) for the event of the copy that last read it; ``give`` returns it
+    with the event of its new copy. Allocated once: a store's batches no longer go
+    through the caching host allocator, whose blocks are only freed by its own events.
+    """
+
+    def __init__(self, count: int, shape: tuple[int, ...]) -> None:
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self.free.put((torch.empty(shape, dtype=torch.uint8, pin_memory=True), None))
+
+    def take(self) -> torch.Tensor:
+        buffer, event = self.free.get()
+        if event is not None:
+            event.synchronize()
+        return buffer
+
+    def give(self, buffer: torch.Tensor, event: Any) -> None:
+        self.free.put((buffer, event))

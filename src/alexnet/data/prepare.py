@@ -1,7 +1,7 @@
 """``alexnet prepare SRC DEST``: decode a dataset once into a store (store.py), on every core, resumably.
 
 SRC is an ImageFolder tree (``train/<class>/*``, ``val/<class>/*``) or a folder of the
-official ILSVRC-2012 archives (ilsvrc.py). Each image goes through the same
+official ILSVRC-2012 or -2010 archives (ilsvrc.py; 2010 adds a test split). Each image goes through the same
 ``data.load_image`` as the folder loader (shorter side to S, central S x S patch), so a
 store holds exactly the uint8 pixels the folder path would produce.
 
@@ -15,6 +15,11 @@ written last, atomically: a folder with a header is a complete store.
 
 Images that cannot be decoded are not zero-filled into the data: their slots get label
 -1, are left out of the store's index, and are listed with their reasons in the header.
+
+``encoding="jpeg"`` (``--format jpeg``) stores the same pixels JPEG-encoded
+(jpegstore.py): each chunk goes to its own part file, and the parts are joined into the
+split's data file before the header is written. The report then gives the bytes per
+image and the PSNR of the decoded images against the raw pixels, over every image.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from alexnet.data import store
+from alexnet.data import jpegstore, store
 from alexnet.data.chunks import ChunkTask, chunk_sums, write_chunk
 from alexnet.data.loader import resolve_workers
 from alexnet.data.source import Source, SplitSource, find_source
@@ -63,6 +68,9 @@ class PrepareReport:
     workers: int
     skipped: list[str]
     complete_before: bool = False
+    encoding: str = "raw"
+    bytes_per_image: float | None = None  # of the stored images (raw: S*S*3)
+    psnr_db: float | None = None  # JPEG: of the decoded images against the raw pixels, over every image
 
     @property
     def images_per_s(self) -> float:
@@ -78,6 +86,9 @@ class PrepareReport:
             "images_per_s_per_worker": self.images_per_s / max(1, self.workers),
             "skipped": len(self.skipped),
             "complete_before": self.complete_before,
+            "encoding": self.encoding,
+            "bytes_per_image": self.bytes_per_image,
+            "psnr_db": self.psnr_db,
         }
 
 
@@ -127,8 +138,16 @@ def prepare(
     workers: int = -1,
     chunk_size: int = 64,
     progress: bool = True,
+    encoding: str = "raw",
+    quality: int = jpegstore.DEFAULT_QUALITY,
 ) -> PrepareReport:
     """Write (or finish writing) the store of ``src`` at ``dest``; see the module docstring."""
+    if encoding not in ("raw", jpegstore.ENCODING):
+        raise AlexNetError(f"store format must be raw or jpeg; got {encoding!r}")
+    if encoding == jpegstore.ENCODING and not 1 <= quality <= 100:
+        raise AlexNetError(f"JPEG quality must be 1-100; got {quality}")
+    if encoding == jpegstore.ENCODING:
+        import torchvision.io  # noqa: F401  # once here, not in every forked worker of both pools (about 1 s each)
     if image_size < 1 or chunk_size < 1:
         raise AlexNetError(f"image size and chunk size must be positive; got {image_size} and {chunk_size}")
     if image_size > MAX_IMAGE_SIZE:
@@ -139,8 +158,11 @@ def prepare(
     workers = resolve_workers(workers)
     source = find_source(src)
     params = _params(source, image_size, chunk_size)
+    params["encoding"] = encoding
+    if encoding == jpegstore.ENCODING:
+        params["quality"] = quality
     if _already_prepared(dest, source, params):
-        return PrepareReport(dest, 0, 0.0, workers, [], complete_before=True)
+        return PrepareReport(dest, 0, 0.0, workers, [], complete_before=True, encoding=encoding)
     dest.mkdir(parents=True, exist_ok=True)
 
     # One prepare per destination at a time: two writers would corrupt the progress log.
@@ -150,7 +172,7 @@ def prepare(
         if not progress_path.is_file():
             with open(progress_path, "w") as f:
                 f.write(json.dumps(params) + "\n")
-        tasks = _plan_chunks(dest, source, done, image_size, chunk_size)
+        tasks = _plan_chunks(dest, source, done, image_size, chunk_size, encoding, quality)
         todo = sum(len(t.members) for t in tasks)
         seconds = _write_chunks(tasks, source, done, progress_path, chunk_size, workers, progress)
         header = _finish(dest, source, params, done, workers, progress)
@@ -160,6 +182,9 @@ def prepare(
         seconds,
         workers,
         [f"{s['item']}: {s['reason']}" for info in header["splits"].values() for s in info["skipped"]],
+        encoding=encoding,
+        bytes_per_image=header["splits"]["train"]["bytes_per_image"],
+        psnr_db=header["splits"]["train"].get("psnr_db"),
     )
     if todo:
         log.info(
@@ -194,6 +219,8 @@ def _already_prepared(dest: Path, source: Source, params: dict[str, Any]) -> boo
         header = json.loads((dest / store.HEADER).read_text())
         if header.get("prepare", {}).get("params") == params:
             log.info("%s is already a complete store of %s", dest, source.path)
+            for name in header["splits"]:  # left by a prepare interrupted right after its header
+                jpegstore.remove_parts(dest, name)
             return True
         raise AlexNetError(f"{dest} already holds a store of other data or parameters; choose another destination")
     if dest.exists() and any(dest.iterdir()) and not (dest / store.PROGRESS).is_file():
@@ -202,10 +229,18 @@ def _already_prepared(dest: Path, source: Source, params: dict[str, Any]) -> boo
 
 
 def _plan_chunks(
-    dest: Path, source: Source, done: dict[tuple[str, int], dict[str, Any]], image_size: int, chunk_size: int
+    dest: Path,
+    source: Source,
+    done: dict[tuple[str, int], dict[str, Any]],
+    image_size: int,
+    chunk_size: int,
+    encoding: str = "raw",
+    quality: int = 0,
 ) -> list[ChunkTask]:
     """The chunks not yet in ``done``, creating each split's images file where needed
     (``done`` loses the records of a split whose file is new)."""
+    if encoding == jpegstore.ENCODING:
+        return jpegstore.plan_chunks(dest, source, done, image_size, chunk_size, quality)
     tasks = []
     for name, split in source.splits.items():
         path = dest / store.images_file(name)
@@ -265,12 +300,19 @@ def _finish(
 ) -> dict[str, Any]:
     """Labels with skipped slots marked, the training statistics, then the header (last, atomically)."""
     splits_info, labels_by_split = {}, {}
+    encoding = params.get("encoding", "raw")
     for name, split in source.splits.items():
         splits_info[name], labels_by_split[name] = _write_labels(dest, source, name, split, done, params["chunk_size"])
+        if encoding == jpegstore.ENCODING:
+            jpegstore.finish_split(dest, name, splits_info[name], done, params)
+        else:
+            splits_info[name]["bytes_per_image"] = 3 * params["image_size"] ** 2
     stats, shas = _write_stats(dest, labels_by_split["train"], params, workers, progress)
     header = {
         "format": store.FORMAT,
         "version": store.VERSION,
+        "encoding": encoding,
+        "quality": params.get("quality"),
         "image_size": params["image_size"],
         "layout": "NHWC",
         "dtype": "uint8",
@@ -287,6 +329,8 @@ def _finish(
         },
     }
     write_json(dest / store.HEADER, header)
+    for name in source.splits:
+        jpegstore.remove_parts(dest, name)
     (dest / store.PROGRESS).unlink()
     (dest / ".prepare.lock").unlink(missing_ok=True)
     return header
@@ -334,10 +378,16 @@ def _write_stats(
 
     size, chunk = params["image_size"], params["chunk_size"]
     path = str(dest / store.images_file("train"))
-    tasks = [(path, a, min(a + chunk, len(labels)), labels[a : a + chunk] >= 0) for a in range(0, len(labels), chunk)]
+    tasks: list[Any] = [
+        (path, a, min(a + chunk, len(labels)), labels[a : a + chunk] >= 0) for a in range(0, len(labels), chunk)
+    ]
+    sums: Any = chunk_sums
+    if params.get("encoding") == jpegstore.ENCODING:  # the statistics of the decoded pixels that training sees
+        data, index = str(dest / jpegstore.data_file("train")), str(dest / jpegstore.index_file("train"))
+        tasks, sums = [(data, index, a, b, size) for _, a, b, _ in tasks], jpegstore.chunk_sums_jpeg
     acc = StatsAccumulator(size)
     bar = tqdm(total=len(tasks), desc="mean image and PCA", unit="chunk", disable=not progress, leave=False)
-    for image_sum, rgb_sum, outer, count in _map(chunk_sums, tasks, workers):
+    for image_sum, rgb_sum, outer, count in _map(sums, tasks, workers):
         acc.add_sums(image_sum.transpose(2, 0, 1), rgb_sum, outer, count)
         bar.update()
     bar.close()

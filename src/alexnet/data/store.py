@@ -11,12 +11,16 @@ instead of once per epoch. A store is a folder::
     val_images.npy, val_labels.npy
     stats_mean_image.npy    (3, S, S) float32 ...and stats_pixel_std, stats_eigvals, stats_eigvecs
 
-Why raw uint8 in a memory map: reading a batch is one memcpy per image from the page
-cache (measured 3 ms for 128 images of 256x256 on the 2-core development machine, 8 GB/s,
-with the GIL released), which no decoder approaches; the cost is size, 196,608 bytes per
+Why raw uint8 in a memory map: reading a batch is one np.take from the page cache
+(measured 3-4 ms for 128 images of 256x256 on the 2-core development machine, with the
+GIL released), which no decoder approaches (a JPEG batch: 37 ms per core); the cost is size, 196,608 bytes per
 256x256 image (ImageNet's 1.28M training images: 252 GB), so the store should sit on a
 local SSD. Pixels stay uint8 until they are on the training device, where augment.py
 crops, flips, lights and normalises whole batches.
+
+A store may instead hold its images JPEG-encoded (``alexnet prepare --format jpeg``,
+header ``"encoding": "jpeg"``; layout and reasons in jpegstore.py): 4-13x smaller, decoded
+in batches by the loader, with the same labels, statistics files, checksums and header.
 
 Opening a store checks everything that is cheap to check: format and version, the
 resolution the caller expects, each images file's .npy header (dtype, shape) and exact
@@ -43,13 +47,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from alexnet.data.loader import Batch, EpochBatchSampler, resolve_workers
+from alexnet.data import jpegstore
+from alexnet.data.loader import Batch, EpochBatchSampler, PinnedRing, resolve_workers
 from alexnet.data.stats import DataStats
 from alexnet.errors import AlexNetError
 from alexnet.runtime import cpu_cores, die_with_parent
 
 FORMAT = "alexnet-store"
-VERSION = 1
+# 2: the header names its "encoding" (raw or jpeg). A version-1 store is a raw store with
+# the same pixels and is still read; an older alexnet refuses version 2 in one line.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HEADER = "store.json"
 PROGRESS = "prepare-progress.jsonl"  # present only while a prepare is unfinished
 SPLITS = ("train", "val")
@@ -112,6 +120,8 @@ class StoreSplit:
     index, so dataset position ``i`` is slot ``index[i]``.
     """
 
+    encoding = "raw"
+
     def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, info: dict[str, Any]) -> None:
         self.name, self.images, self.labels, self.info = name, images, labels, info
         self.index = np.flatnonzero(labels >= 0)
@@ -123,16 +133,28 @@ class StoreSplit:
     def image_size(self) -> int:
         return int(self.images.shape[1])
 
-    def gather(self, positions: np.ndarray | list[int], out: np.ndarray) -> np.ndarray:
+    @property
+    def slots(self) -> int:
+        return len(self.images)
+
+    def gather(self, positions: np.ndarray | list[int], out: np.ndarray | torch.Tensor) -> np.ndarray:
         """Copy the images at dataset positions into ``out`` (B, S, S, 3); returns their labels (int64).
 
-        One memcpy per image, visited in slot order so that reads move forward through the
-        file; numpy releases the GIL during each copy (np.take over the same batch was 3x
-        slower, 10 ms vs 3 ms, measured on the development machine).
+        One np.take for the batch, which releases the GIL for the whole copy (a Python
+        thread was stalled at most 12 ms, scheduling noise, during a 1.6 s take), where a
+        loop of per-image copies took the GIL back 128 times a batch from the training
+        thread. mode="clip" because the default "raise" copies through a buffer (slots are
+        in range by construction). Medians of 20 interleaved batches of 128 random
+        256x256 images from the page cache, Xeon (AMX) development machine, 2 cores
+        loaded by other sessions: 4.1 ms, against 7.8 ms for the loop and 12.9 ms for
+        np.take with the default mode. torch.index_select was equal to the loop with one
+        intra-op thread but 167 ms with two (OpenMP teams fighting over loaded cores).
+        Slots are read in batch order: in a shuffled epoch a sorted batch of 128 images
+        is still about 10,000 images apart per image on ImageNet, no help to readahead.
         """
         slots = self.index[np.asarray(positions, dtype=np.int64)]
-        for j in np.argsort(slots, kind="stable"):
-            out[j] = self.images[slots[j]]
+        target = out.numpy() if isinstance(out, torch.Tensor) else out
+        np.take(self.images, slots, axis=0, out=target, mode="clip")
         return self.labels[slots].astype(np.int64)
 
 
@@ -174,7 +196,7 @@ def _read_header(root: Path) -> dict[str, Any]:
         raise AlexNetError(f"cannot read {path}: {e}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise AlexNetError(f"{path} is not an alexnet store header (format {header.get('format')!r})")
-    if header.get("version") != VERSION:
+    if header.get("version") not in READABLE_VERSIONS:
         raise AlexNetError(
             f"{root} was written in store format version {header.get('version')}; this alexnet reads version "
             f"{VERSION}: prepare the store again with this version"
@@ -205,8 +227,15 @@ def open_store(path: str | Path, image_size: int | None = None) -> Store:
             f"store {root} holds {size}x{size} images but data.image_size is {image_size}: "
             f"set data.image_size={size} or prepare the store again with --image-size {image_size}"
         )
-    splits = {}
+    splits: dict[str, StoreSplit | jpegstore.JpegSplit] = {}
+    encoding = header.get("encoding", "raw")
+    if encoding not in ("raw", jpegstore.ENCODING):
+        raise AlexNetError(f"{root / HEADER} names an unknown image encoding {encoding!r}")
     for name, info in header["splits"].items():
+        if encoding == jpegstore.ENCODING:
+            labels = _checked_labels(root, info, int(info["slots"]), len(header["classes"]))
+            splits[name] = jpegstore.open_split(root, name, info, labels, size)
+            continue
         ipath = root / info["images"]
         if not ipath.is_file():
             raise AlexNetError(f"store {root} is missing {info['images']}")
@@ -221,18 +250,19 @@ def open_store(path: str | Path, image_size: int | None = None) -> Store:
         if actual != expected_bytes:
             what = "truncated" if actual < expected_bytes else "longer than its header says"
             raise AlexNetError(f"{ipath} is {what}: {actual:,} bytes, expected {expected_bytes:,}")
-        labels = np.load(_check_small_file(root, info["labels"], info["labels_sha256"]), allow_pickle=False)
-        if labels.shape != (shape[0],) or (
-            len(labels) and (labels.min() < -1 or labels.max() >= len(header["classes"]))
-        ):
-            raise AlexNetError(
-                f"{root / info['labels']} does not fit the store ({labels.shape}, {len(header['classes'])} classes)"
-            )
+        labels = _checked_labels(root, info, shape[0], len(header["classes"]))
         images = np.load(ipath, mmap_mode="r")
         splits[name] = StoreSplit(name, images, labels, info)
     for key in STATS_KEYS:
         _check_small_file(root, stats_file(key), header["stats"]["sha256"][key])
     return Store(root, header, splits)
+
+
+def _checked_labels(root: Path, info: dict[str, Any], slots: int, classes: int) -> np.ndarray:
+    labels = np.load(_check_small_file(root, info["labels"], info["labels_sha256"]), allow_pickle=False)
+    if labels.shape != (slots,) or (len(labels) and (labels.min() < -1 or labels.max() >= classes)):
+        raise AlexNetError(f"{root / info['labels']} does not fit the store ({labels.shape}, {classes} classes)")
+    return labels
 
 
 def _crc_chunk(args: tuple[str, int, int]) -> int:
@@ -252,16 +282,22 @@ def verify_store(path: str | Path, workers: int = -1, progress: bool = False) ->
     tasks, names = [], []
     for name, split in store.splits.items():
         chunk = int(split.info["chunk_size"])
-        n = len(split.images)
+        n = split.slots
         for k, crc in enumerate(split.info["chunk_crc32"]):
-            tasks.append((str(store.root / split.info["images"]), k * chunk, min(n, (k + 1) * chunk)))
+            start, stop = k * chunk, min(n, (k + 1) * chunk)
+            if isinstance(split, jpegstore.JpegSplit):  # the CRC of the chunk's bytes in the data file
+                start, stop = int(split.offsets[start]), int(split.offsets[stop])
+            tasks.append((str(store.root / split.info["images"]), start, stop))
             names.append((name, k, crc))
     workers = resolve_workers(workers)
     bar = tqdm(total=len(tasks), desc="verify", unit="chunk", disable=not progress)
+    crc = jpegstore.crc_chunk if store.header.get("encoding") == jpegstore.ENCODING else _crc_chunk
     with ProcessPoolExecutor(max(1, workers), initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-        for (_name, k, crc), (file, start, stop), got in zip(names, tasks, pool.map(_crc_chunk, tasks, chunksize=4)):
-            if got != crc:
-                problems.append(f"{file}: images {start}-{stop - 1} (chunk {k}) do not match their checksum")
+        for (name, k, want), (file, _, _), got in zip(names, tasks, pool.map(crc, tasks, chunksize=4)):
+            if got != want:
+                chunk = int(store.splits[name].info["chunk_size"])
+                first, last = k * chunk, min(store.splits[name].slots, (k + 1) * chunk) - 1
+                problems.append(f"{file}: images {first}-{last} (chunk {k}) do not match their checksum")
             bar.update()
     bar.close()
     return problems
@@ -276,49 +312,71 @@ class StoreLoader:
 
     Indices come from an :class:`EpochBatchSampler`, so order, resume (``start_batch``)
     and sharding are those of the folder loader. ``threads`` background threads each
-    gather whole batches, ``prefetch`` batches ahead (at least one per thread). On CUDA
-    a batch is gathered into pinned memory and copied on a side stream, so the copy of
-    batch k+1 runs while the model computes batch k; the consumer's stream waits on an
-    event, never the host.
+    gather whole batches (raw: one np.take; JPEG: one batched decode), ``prefetch``
+    batches ahead (at least one per thread). On CUDA a raw batch is gathered into one of a
+    ring of ``threads + 2`` pinned buffers and copied on a side stream, so the copy of
+    batch k+1 runs while the model computes batch k; a JPEG batch's bytes go to nvJPEG on
+    the side stream. The consumer's stream waits on an event, never the host.
+    On the CPU every batch is a new tensor that the consumer owns.
     Images arrive as (B, 3, S, S) views of HWC memory, which is the channels-last layout.
     """
 
     def __init__(
         self,
-        split: StoreSplit,
+        split: Any,
         sampler: EpochBatchSampler,
         device: torch.device | str = "cpu",
         prefetch: int = 4,
         threads: int = 0,
     ) -> None:
         self.split, self.sampler, self.device = split, sampler, torch.device(device)
-        # Default: half the cores, at most 8. One thread copies about 8 GB/s from the page
-        # cache (development machine), 40,000 images/s at 256x256; the rest of the cores
-        # stay with the training process (kernel launches, the CPU step).
-        threads = threads or min(8, max(1, cpu_cores() // 2))
-        self.prefetch, self.threads = max(1, prefetch, threads), threads
         self.cuda = self.device.type == "cuda"
+        self.jpeg = split.encoding == jpegstore.ENCODING
+        if not threads:
+            if self.jpeg and not self.cuda:
+                # Decoding is compute: 0.28 ms per 256x256 image and core (development
+                # machine), so all cores but one, which the training loop keeps.
+                threads = max(1, cpu_cores() - 1)
+            else:
+                # One np.take copies 128 images of 256x256 in 3-4 ms (30,000 images/s
+                # per thread); two threads keep one copy running while the other waits on
+                # its buffer. nvJPEG decodes one batch at a time.
+                threads = 2
+        self.prefetch, self.threads = max(1, prefetch, threads), threads
+        self._ring: PinnedRing | None = None
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def _load(self, positions: list[int], stream: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        s = self.split.image_size
-        host = torch.empty((len(positions), s, s, 3), dtype=torch.uint8, pin_memory=self.cuda)
-        labels = torch.from_numpy(self.split.gather(positions, host.numpy()))
+        s, n = self.split.image_size, len(positions)
+        if self.cuda and self.jpeg:
+            with torch.cuda.stream(stream):
+                images, labels_np = self.split.decode_on(positions, self.device)
+                labels = torch.from_numpy(labels_np).pin_memory().to(self.device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            return images, labels, done
         if not self.cuda:
-            return host, labels, None
-        # The caching host allocator keeps this pinned block until the copy has finished,
-        # so host tensors can be dropped right after the non_blocking copy is queued.
+            host = torch.empty((n, s, s, 3), dtype=torch.uint8)
+            return host, torch.from_numpy(self.split.gather(positions, host)), None
+        assert self._ring is not None
+        buffer = self._ring.take()
+        host = buffer[:n]
+        labels = torch.from_numpy(self.split.gather(positions, host))
         with torch.cuda.stream(stream):
             images = host.to(self.device, non_blocking=True)
             labels = labels.pin_memory().to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
+        self._ring.give(buffer, done)  # reused only once this copy has completed
         return images, labels, done
 
     def __iter__(self) -> Iterator[Batch]:
         stream = torch.cuda.Stream(self.device) if self.cuda else None
+        if self.cuda and not self.jpeg and self._ring is None:
+            s = self.split.image_size
+            self._ring = PinnedRing(self.threads + 2, (self.sampler.batch_size, s, s, 3))
         batches = iter(self.sampler)
         with ThreadPoolExecutor(self.threads, thread_name_prefix="store-loader") as pool:
             pending = deque(pool.submit(self._load, positions, stream) for positions in islice(batches, self.prefetch))

@@ -2,7 +2,9 @@
 
 Each experiment is one module that registers an :class:`~alexnet.experiments.common.Experiment`
 here: :mod:`~alexnet.experiments.figure1` (``alexnet experiment relu-vs-tanh``) and
-:mod:`~alexnet.experiments.ablations` (``alexnet experiment ablations``). Both train in
+:mod:`~alexnet.experiments.ablations` (``alexnet experiment ablations``), and
+:mod:`~alexnet.experiments.section33` (``alexnet experiment cifar-norm``: section 3.3's
+13% -> 11% with response normalisation). All train in
 memory with :func:`alexnet.train.memory.fit` and write a run directory
 (:class:`~alexnet.experiments.common.RunDir`); running the same command with the same
 ``--out`` again continues it.
@@ -19,13 +21,13 @@ from typing import Any
 import torch
 
 from alexnet.errors import AlexNetError
-from alexnet.experiments import ablations, figure1
+from alexnet.experiments import ablations, figure1, section33
 from alexnet.experiments.common import Experiment, RunDir
 from alexnet.runtime import environment
 
 log = logging.getLogger("alexnet")
 
-REGISTRY: dict[str, Experiment] = {e.name: e for e in (figure1.EXPERIMENT, ablations.EXPERIMENT)}
+REGISTRY: dict[str, Experiment] = {e.name: e for e in (figure1.EXPERIMENT, section33.EXPERIMENT, ablations.EXPERIMENT)}
 
 
 def _options(keys: list[str]) -> str:
@@ -58,9 +60,11 @@ def run_experiment(
     device: torch.device,
     command: str = "",
     workers: int = 1,
+    batch: bool = False,
 ) -> Path:
     """Load CIFAR-10, run experiment ``name`` into ``out`` and return the run directory.
-    ``data`` None: ``$ALEXNET_CIFAR10``. ``command`` is the command line, recorded with the results."""
+    ``data`` None: ``$ALEXNET_CIFAR10``. ``command`` is the command line, recorded with the results.
+    ``batch``: the seeds of each variant train together in one process (experiments/batched.py)."""
     from alexnet.data.cifar import default_data_path, load_cifar10
 
     experiment = REGISTRY[name]
@@ -79,7 +83,7 @@ def run_experiment(
         environment(device, command or f"run_experiment({name!r})"),
     )
     try:
-        experiment.run(train, test, settings, device, run, workers)
+        experiment.run(train, test, settings, device, run, workers, batch)
     finally:
         run.close()
     return Path(out)

@@ -43,8 +43,9 @@ log = logging.getLogger("alexnet")
 class Experiment:
     """One experiment of ``alexnet experiment``: its settings and how to run it.
 
-    ``run(train, test, settings, device, run_dir, workers)`` trains and writes the summary
-    into ``run_dir``; the settings class checks its own values when constructed.
+    ``run(train, test, settings, device, run_dir, workers, batch)`` trains and writes the
+    summary into ``run_dir`` (``batch``: seeds trained together, experiments/batched.py);
+    the settings class checks its own values when constructed.
     """
 
     name: str
@@ -192,32 +193,82 @@ class RunDir:
                 on_row = functools.partial(_append_metric, self.metrics_path, name)
                 results[name] = self._save(name, fn(job, *shared, device=device, on_row=on_row))
         else:
-            workers = min(workers, len(todo))
-            # CPU runs share the cores; a GPU run's process needs one thread to launch kernels.
-            threads = max(1, cpu_cores() // workers) if device.type == "cpu" else 1
-            log.info("%d runs in %d worker processes: %s", len(todo), workers, ", ".join(todo))
-            pool = ProcessPoolExecutor(
-                workers,
-                mp_context=torch.multiprocessing.get_context("spawn"),  # CUDA cannot be forked
-                initializer=_worker_init,
-                initargs=(fn, shared, str(device), str(self.metrics_path), str(self.out / "log.txt"), threads),
-            )
-            try:
-                futures = {pool.submit(_worker_run, name, job): name for name, job in todo.items()}
-                for future in as_completed(futures):
-                    name = futures[future]
-                    results[name] = self._save(name, {**future.result(), "concurrent_runs": workers})
-                    log.info("%s: finished (%d of %d)", name, sum(n in results for n in todo), len(todo))
-            except BaseException:
-                # A failed run or Ctrl-C: drop the runs not started and stop the running ones now
-                # (unfinished runs are not kept, so there is nothing to wait for).
-                processes = list((getattr(pool, "_processes", None) or {}).values())
-                pool.shutdown(wait=False, cancel_futures=True)
-                for process in processes:
-                    process.terminate()
-                raise
-            pool.shutdown()
+            for name, result in self._in_workers(_worker_run, fn, shared, todo, device, workers):
+                results[name] = self._save(name, {**result, "concurrent_runs": min(workers, len(todo))})
+                log.info("%s: finished (%d of %d)", name, sum(n in results for n in todo), len(todo))
         return {name: results[name] for name in jobs}
+
+    def run_groups(
+        self,
+        fn: Callable[..., dict[str, dict[str, Any]]],
+        shared: tuple,
+        groups: dict[str, dict[str, Any]],
+        device: torch.device,
+        workers: int = 1,
+    ) -> dict[str, dict[str, Any]]:
+        """Like :meth:`run_all`, for runs trained together: ``groups`` maps a group name to its
+        runs (name -> job), and ``fn(jobs, *shared, device=..., on_rows={name: on_row})``
+        trains a group's unfinished runs at once (experiments/batched.py) and returns each
+        one's result. Every run's file is written as soon as its group finishes, so a call
+        that ends early keeps every group that finished; ``workers`` > 1 trains that many
+        groups at once, each in its own process."""
+        results: dict[str, dict[str, Any]] = {}
+        todo: dict[str, dict[str, Any]] = {}
+        for group, jobs in groups.items():
+            for name, job in jobs.items():
+                path = self.runs / f"{name}.json"
+                if path.exists():
+                    results[name] = json.loads(path.read_text())
+                else:
+                    todo.setdefault(group, {})[name] = job
+        if workers <= 1 or len(todo) <= 1:
+            for group, jobs in todo.items():
+                log.info("%s: %d runs together (%s)", group, len(jobs), ", ".join(jobs))
+                on_rows = {n: functools.partial(_append_metric, self.metrics_path, n) for n in jobs}
+                for name, result in fn(jobs, *shared, device=device, on_rows=on_rows).items():
+                    results[name] = self._save(name, result)
+        else:
+            finished = 0
+            for group, out in self._in_workers(_worker_run_group, fn, shared, todo, device, workers):
+                for name, result in out.items():
+                    results[name] = self._save(name, {**result, "concurrent_runs": min(workers, len(todo))})
+                finished += 1
+                log.info("%s: finished (%d of %d groups)", group, finished, len(todo))
+        return {name: results[name] for jobs in groups.values() for name in jobs}
+
+    def _in_workers(
+        self,
+        worker: Callable[[str, Any], Any],
+        fn: Callable[..., Any],
+        shared: tuple,
+        todo: dict[str, Any],
+        device: torch.device,
+        workers: int,
+    ) -> Iterator[tuple[str, Any]]:
+        """(name, ``worker(name, job)``) for each job of ``todo`` as it finishes, in ``workers`` processes."""
+        workers = min(workers, len(todo))
+        # CPU runs share the cores; a GPU run's process needs one thread to launch kernels.
+        threads = max(1, cpu_cores() // workers) if device.type == "cpu" else 1
+        log.info("%d jobs in %d worker processes: %s", len(todo), workers, ", ".join(todo))
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=torch.multiprocessing.get_context("spawn"),  # CUDA cannot be forked
+            initializer=_worker_init,
+            initargs=(fn, shared, str(device), str(self.metrics_path), str(self.out / "log.txt"), threads),
+        )
+        try:
+            futures = {pool.submit(worker, name, job): name for name, job in todo.items()}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BaseException:
+            # A failed run or Ctrl-C: drop the runs not started and stop the running ones now
+            # (unfinished runs are not kept, so there is nothing to wait for).
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+            raise
+        pool.shutdown()
 
     def _save(self, name: str, result: dict[str, Any]) -> dict[str, Any]:
         write_json(self.runs / f"{name}.json", result, indent=1)
@@ -268,13 +319,19 @@ def _worker_run(name: str, job: Any) -> dict[str, Any]:
     return w["fn"](job, *w["shared"], device=w["device"], on_row=on_row)
 
 
+def _worker_run_group(group: str, jobs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    w = _WORKER
+    w["name"] = group
+    log.info("started in process %d: %s", os.getpid(), ", ".join(jobs))
+    on_rows = {n: functools.partial(_append_metric, w["metrics"], n) for n in jobs}
+    return w["fn"](jobs, *w["shared"], device=w["device"], on_rows=on_rows)
+
+
 def pyplot() -> Any:
-    import matplotlib
+    from alexnet.extras import require
 
-    matplotlib.use("Agg")  # files only; no display on training machines
-    import matplotlib.pyplot as plt
-
-    return plt
+    require("matplotlib", "the experiments' figures").use("Agg")  # files only; no display on training machines
+    return require("matplotlib.pyplot", "the experiments' figures")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -45,7 +45,7 @@ from alexnet.experiments.common import (
     split_stats,
 )
 from alexnet.models.figure1 import Figure1Net
-from alexnet.train.memory import Recipe, fit
+from alexnet.train.memory import FitResult, Recipe, fit
 
 log = logging.getLogger("alexnet")
 
@@ -114,6 +114,41 @@ def figure1_run(
         device=device,
         on_row=on_row,
     )
+    return _figure1_result(job, r, target)
+
+
+def figure1_group_run(
+    jobs: dict[str, Figure1Job],
+    train: ArraySplit,
+    pre: Preprocess,
+    base: Recipe,
+    target: float,
+    init: str,
+    *,
+    device: torch.device,
+    on_rows: dict[str, Callable[[dict[str, float]], None]],
+) -> dict[str, dict[str, Any]]:
+    """Runs of one activation, learning rate and length trained together (experiments/batched.py)."""
+    from alexnet.experiments.batched import fit_batched
+
+    kinds = {(j.activation, j.lr, j.epochs) for j in jobs.values()}
+    if len(kinds) != 1:
+        raise AlexNetError(f"runs trained together must share activation, lr and epochs; got {sorted(kinds)}")
+    names = list(jobs)
+    models = []
+    for n in names:
+        torch.manual_seed(jobs[n].seed)
+        models.append(Figure1Net(jobs[n].activation, len(train.classes), init=init).to(device))
+    j = jobs[names[0]]
+    recipe = dataclasses.replace(base, lr=j.lr, epochs=j.epochs)
+    fits = fit_batched(
+        models, train, pre.to(device), recipe, seeds=[jobs[n].seed for n in names], device=device,
+        on_rows=[on_rows[n] for n in names],
+    )  # fmt: skip
+    return {n: {**_figure1_result(jobs[n], r, target), "batched_runs": len(names)} for n, r in zip(names, fits)}
+
+
+def _figure1_result(job: Figure1Job, r: FitResult, target: float) -> dict[str, Any]:
     return {
         "activation": job.activation,
         "lr": job.lr,
@@ -135,9 +170,13 @@ def relu_vs_tanh(
     device: torch.device,
     run: RunDir,
     workers: int = 1,
+    batch: bool = False,
 ) -> dict[str, Any]:
     """The Figure 1 experiment; returns the summary (also written to the run directory).
-    ``test`` is not used: the figure is about training error."""
+    ``test`` is not used: the figure is about training error. ``batch``: each activation's
+    final seeds train together (:func:`figure1_group_run`); the sweep's trials differ in
+    learning rate, which stacked parameters cannot (one lr per optimizer group), so they
+    train one by one."""
     train = train.subset(settings.subset)
     base = Recipe(
         epochs=settings.sweep_epochs,
@@ -175,17 +214,16 @@ def relu_vs_tanh(
         chosen[act] = best["lr"]
         log.info("%s: learning rate %g chosen from %s", act, best["lr"], ", ".join(f"{x:g}" for x in settings.lrs))
 
-    done = run.run_all(
-        figure1_run,
-        shared,
-        {
-            f"{act}-seed{s}": Figure1Job(act, chosen[act], settings.epochs, s)
-            for act in acts
-            for s in range(settings.seeds)
-        },
-        device,
-        workers,
-    )
+    finals_jobs = {
+        f"{act}-seed{s}": Figure1Job(act, chosen[act], settings.epochs, s)
+        for act in acts
+        for s in range(settings.seeds)
+    }
+    if batch:
+        groups = {act: {n: j for n, j in finals_jobs.items() if j.activation == act} for act in acts}
+        done = run.run_groups(figure1_group_run, shared, groups, device, workers)
+    else:
+        done = run.run_all(figure1_run, shared, finals_jobs, device, workers)
     finals = {act: [done[f"{act}-seed{s}"] for s in range(settings.seeds)] for act in acts}
     summary = _relu_tanh_summary(settings, train, chosen, sweep, finals, run)
     _plot_figure1(finals, settings, run.out / "figure1.png")

@@ -75,7 +75,7 @@ class TowerParallelAlexNet(nn.Module):
         cfg = full.config
         if cfg.towers != 2:
             raise AlexNetError(f"model parallelism splits the paper's two towers; the model has towers={cfg.towers}")
-        if any(getattr(full, f"conv{i}") is None for i in (3, 4, 5)):
+        if any(getattr(full, f"conv{i}") is None for i in (2, 3, 4, 5)):
             raise AlexNetError("model parallelism needs all five convolutional layers (model.remove_conv is set)")
         for lrn in (full.lrn1, full.lrn2):
             if isinstance(lrn, LocalResponseNorm) and lrn.groups != 2:

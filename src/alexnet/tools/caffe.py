@@ -66,6 +66,13 @@ Blobs = dict[str, tuple[np.ndarray, np.ndarray]]  # layer -> (weight, bias), Caf
 # Caffe: .caffemodel through a minimal protobuf schema
 
 
+def _protobuf_decode_error(what: str) -> type[Exception]:
+    """protobuf's DecodeError; protobuf is the 'caffe' extra, so a missing one says how to install it."""
+    from alexnet.extras import require
+
+    return require("google.protobuf.message", f"reading {what}").DecodeError
+
+
 @lru_cache(maxsize=1)
 def _caffe_messages() -> dict[str, type]:
     """Message classes for the part of caffe.proto that holds weights.
@@ -165,12 +172,11 @@ def read_caffemodel(path: Path) -> Blobs:
         data = path.read_bytes()
     except OSError as e:
         raise AlexNetError(f"cannot read {path}: {e.strerror}") from None
-    from google.protobuf.message import DecodeError
-
+    decode_error = _protobuf_decode_error(".caffemodel files")
     net = _caffe_messages()["NetParameter"]()
     try:
         net.ParseFromString(data)
-    except DecodeError as e:
+    except decode_error as e:
         raise AlexNetError(f"{path} is not a .caffemodel (protobuf NetParameter): {e}") from None
     layers: list[tuple[str, Any]] = [(layer.name, layer.blobs) for layer in net.layer]
     for v1 in net.layers:
@@ -201,13 +207,12 @@ def read_caffe_mean(path: Path) -> np.ndarray:
         except (OSError, ValueError) as e:
             raise AlexNetError(f"cannot read mean image {path}: {e}") from None
     else:
-        from google.protobuf.message import DecodeError
-
+        decode_error = _protobuf_decode_error("Caffe's .binaryproto mean")
         blob = _caffe_messages()["BlobProto"]()
         try:
             blob.ParseFromString(path.read_bytes())
             mean = blob_array(blob)
-        except (OSError, DecodeError, AlexNetError) as e:
+        except (OSError, decode_error, AlexNetError) as e:
             raise AlexNetError(f"cannot read mean image {path} (a Caffe .binaryproto): {e}") from None
     mean = np.asarray(mean, dtype=np.float32)
     if mean.ndim == 4 and mean.shape[0] == 1:
@@ -334,6 +339,7 @@ def caffe_model_config(blobs: Blobs) -> ModelConfig:
         towers=2,
         width=blobs["conv1"][0].shape[0] / 96,
         fc_width=blobs["fc7"][0].shape[0],
+        dropout_style="inverted",  # Caffe's Dropout layer scales kept units by 1/(1-p) in training
     )
 
 

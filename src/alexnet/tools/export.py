@@ -39,6 +39,7 @@ from alexnet.checkpoint import (
 )
 from alexnet.data.augment import Preprocess, patch_offsets
 from alexnet.errors import AlexNetError
+from alexnet.extras import require
 from alexnet.files import replace_durably, temporary_name
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -115,12 +116,7 @@ def parity(reference: nn.Module, candidate: Callable[[Tensor], Tensor], crop: in
 
 
 def _onnx_modules() -> tuple[Any, Any]:
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError:
-        raise AlexNetError("ONNX export needs onnx and onnxruntime: pip install 'alexnet[export]'") from None
-    return onnx, onnxruntime
+    return require("onnx", "ONNX export"), require("onnxruntime", "ONNX export")
 
 
 def _write_onnx(net: Deployable, loaded: LoadedModel, tmp: Path) -> Callable[[Tensor], Tensor]:

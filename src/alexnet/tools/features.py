@@ -4,7 +4,7 @@ Figure 4 (right) of the paper compares images by the Euclidean distance between 
 4096-d activations of the last hidden layer (fc7, after its ReLU). Here each image is
 decoded and resized as in training (shorter side to the checkpoint's image size, central
 square), its centre patch goes through the network in eval mode (no dropout), and
-``forward_features`` gives the vector.
+``fc7_features`` gives the vector.
 
 The index is an ``.npz`` without pickles: ``features`` (N, D) float32, ``paths`` relative
 to ``root``, and a fingerprint of the network's weights, so that retrieval can refuse an
@@ -73,7 +73,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 def image_features(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
     """fc7 of the centre patches of a uint8 batch (B, 3, S, S): (B, D) float32."""
     patches = eval_patches(images, loaded.preprocess, ten=False)[:, 0]
-    return loaded.model.forward_features(patches).float()
+    return loaded.model.fc7_features(patches).float()
 
 
 def extract_features(

@@ -20,18 +20,27 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 
 from alexnet.checkpoint import LoadedModel
 from alexnet.data.images import BadImage, load_image
 from alexnet.errors import AlexNetError
 from alexnet.evaluate import predict_probs
+from alexnet.extras import require
 from alexnet.tools.predict import top_classes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _new_figure(**kwargs: object) -> Figure:
+    # matplotlib is the 'plots' extra: the kernel grid (numpy and PIL) works without it.
+    return require("matplotlib.figure", "drawing figures (alexnet visualize predictions/curves)").Figure(**kwargs)
+
 
 # --------------------------------------------------------------------------------------
 # Figure 3: conv1 kernels
@@ -117,7 +126,7 @@ def predictions_figure(items: list[ShownPrediction], per_row: int = 4, cell: flo
         raise AlexNetError("no images to draw")
     cols = min(per_row, len(items))
     rows = math.ceil(len(items) / cols)
-    fig = Figure(figsize=(cols * cell, rows * cell * 1.75), dpi=dpi)
+    fig = _new_figure(figsize=(cols * cell, rows * cell * 1.75), dpi=dpi)
     grid = fig.add_gridspec(2 * rows, cols, height_ratios=[1.0, 0.75] * rows, hspace=0.35, wspace=0.9)
     for i, item in enumerate(items):
         r, c = divmod(i, cols)
@@ -176,7 +185,7 @@ def _series(rows: list[dict], key: str, scale: float = 1.0) -> list[float]:
 def curves_figure(runs: dict[str, list[dict]], dpi: int = 100) -> Figure:
     """Three panels against epoch: training loss; training and validation top-1/top-5 error
     (%); learning rate (log scale). One colour per run."""
-    fig = Figure(figsize=(13, 3.8), dpi=dpi)
+    fig = _new_figure(figsize=(13, 3.8), dpi=dpi)
     ax_loss, ax_err, ax_lr = fig.subplots(1, 3)
     for i, (name, rows) in enumerate(runs.items()):
         colour = f"C{i % 10}"
@@ -204,7 +213,7 @@ def curves_figure(runs: dict[str, list[dict]], dpi: int = 100) -> Figure:
 def save_figure(fig: Figure, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
+    require("matplotlib.backends.backend_agg", "drawing figures").FigureCanvasAgg(fig)
     fig.savefig(out, format="png")
     return out
 

@@ -5,6 +5,8 @@ a run goes through them:
 
 * run.py: the public entry points; resolves the configuration once, opens the data,
   builds or loads the network and hands the run's parts to the loop.
+* finetune.py: a run that starts from another checkpoint's weights (--init-from), frozen
+  layers (optim.freeze) and the backbone's learning rate (optim.backbone_lr_scale).
 * loop.py: the epoch loop (train an epoch, end it with validation and a checkpoint).
 * step.py: one training step (augmentation, forward, loss, backward, update) and the
   speed switches that change how it is computed; optim.py: the paper's SGD and schedule.

@@ -90,10 +90,13 @@ class Loop:
         # The first step whose loss was not finite, or -1; kept on the device and read
         # only every SYNC_EVERY steps, at checkpoints and at epoch ends.
         self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=parts.device)
+        self.run_log: RunLog | None = None  # rank 0's, for the per-step scalars
+        self.window = (0.0, 0, 0.0)  # (loss sum, images, time.perf_counter()) at the last step scalars
 
     def run(self, start_epoch: int, totals: EpochTotals | None, feeds: Feeds) -> None:
         """Epochs start_epoch+1 to cfg.optim.epochs; ``totals``: a resumed epoch's partial sums."""
         cfg = self.parts.cfg
+        self.run_log = feeds.run_log
         for epoch in range(start_epoch, cfg.optim.epochs):
             if totals is None:
                 seed_epoch(cfg.run.seed, epoch, self.parts.dist, self.augment_gen)
@@ -116,6 +119,8 @@ class Loop:
         p.model.train()
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=not p.progress, leave=False)
+        log_every = p.cfg.run.log_every_steps if self.run_log is not None else 0
+        self.window = (float(totals.loss_sum.item()) if log_every else 0.0, totals.seen, start)
         for batch in bar:
             totals.batches += 1
             report_skipped(batch.skipped, self.reported)
@@ -124,6 +129,8 @@ class Loop:
             if stepped:
                 for hook in after_step_hooks:
                     hook(self.step, p.dist)
+            if stepped and log_every and self.step % log_every == 0:
+                self._log_step(totals)
             if stepped and self.step % SYNC_EVERY == 0:
                 self.check_finite(epoch, params_too=False)
                 if p.progress and totals.seen:
@@ -139,6 +146,25 @@ class Loop:
                 if stop:
                     raise self.stopped(epoch, totals.batches)
         totals.seconds += time.perf_counter() - start
+
+    def _log_step(self, totals: EpochTotals) -> None:
+        """Mean loss, lr and images/s since the last step scalars. Reading the loss sum waits for
+        the device, which is why this runs every run.log_every_steps steps, not every step; the
+        images/s is then the device's rate over the window, not the host's queueing rate."""
+        loss_sum, now = float(totals.loss_sum.item()), time.perf_counter()
+        last_loss, last_seen, last_time = self.window
+        images = totals.seen - last_seen
+        if images > 0 and self.run_log is not None:
+            self.run_log.step(
+                self.step,
+                {
+                    "train_loss": (loss_sum - last_loss) / images,
+                    "lr": float(self.parts.optimizer.param_groups[0]["lr"]),
+                    # rank 0's images times the ranks: every rank steps on a batch of the same size
+                    "images_per_s": images * self.parts.dist.world_size / max(now - last_time, 1e-9),
+                },
+            )
+        self.window = (loss_sum, totals.seen, now)
 
     def _agree(self, usable: bool, stop: bool) -> tuple[bool, bool]:
         """(usable, stop) agreed by all ranks: usable only if every rank's batch is, stop if any rank's signal came."""

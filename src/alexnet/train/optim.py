@@ -61,16 +61,46 @@ class PaperSGD(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool) -> list[dict[str, Any]]:
-    if decay_biases:
-        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
-    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
-    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    return [{"params": weights, "weight_decay": weight_decay}, {"params": biases, "weight_decay": 0.0}]
+def param_groups(
+    model: nn.Module, weight_decay: float, decay_biases: bool, backbone_lr: float | None = None
+) -> list[dict[str, Any]]:
+    """The optimizer's groups: weight decay per group (biases exempt unless ``decay_biases``).
+
+    Parameters with ``requires_grad`` False (frozen by finetune.freeze) are left out, so
+    they get no weight decay and no velocity. With ``backbone_lr``, every layer but the
+    head (``model.get_classifier()``, fc8) gets that learning rate; the head's groups come
+    first and keep the optimizer's, which metrics.jsonl reports as ``lr``.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if backbone_lr is None:
+        parts = [({}, named)]
+    else:
+        head = {id(p) for p in model.get_classifier().parameters()}
+        parts = [
+            ({}, [(n, p) for n, p in named if id(p) in head]),
+            ({"lr": backbone_lr}, [(n, p) for n, p in named if id(p) not in head]),
+        ]
+    groups = []
+    for extra, members in parts:
+        if decay_biases:
+            groups.append({"params": [p for _, p in members], "weight_decay": weight_decay, **extra})
+            continue
+        weights = [p for n, p in members if not n.endswith("bias")]
+        biases = [p for n, p in members if n.endswith("bias")]
+        groups += [
+            {"params": weights, "weight_decay": weight_decay, **extra},
+            {"params": biases, "weight_decay": 0.0, **extra},
+        ]
+    return [g for g in groups if g["params"]]  # a group that freezing emptied is left out
 
 
 def plateau_schedule(optimizer: torch.optim.Optimizer, cfg: config_lib.OptimConfig) -> ReduceLROnPlateau:
-    """lr / 10 when val top-1 error has not improved for `plateau_patience` epochs, `lr_drops` times at most."""
+    """lr / 10 when val top-1 error has not improved for `plateau_patience` epochs, `lr_drops` times at most.
+
+    Every group is divided together (a backbone at optim.backbone_lr_scale stays at that
+    ratio to the head), each with its own floor at its starting lr / 10**lr_drops.
+    """
+    floors = [group["lr"] * 0.1**cfg.lr_drops for group in optimizer.param_groups]
     return ReduceLROnPlateau(
         optimizer,
         mode="min",
@@ -78,7 +108,7 @@ def plateau_schedule(optimizer: torch.optim.Optimizer, cfg: config_lib.OptimConf
         patience=cfg.plateau_patience,
         threshold=cfg.plateau_threshold,
         threshold_mode="abs",
-        # The floor stops the schedule after lr_drops divisions; the margins absorb rounding.
-        min_lr=cfg.scaled_lr * 0.1**cfg.lr_drops * (1 - 1e-6),
-        eps=cfg.scaled_lr * 0.1**cfg.lr_drops * 1e-3,
+        # The floors stop the schedule after lr_drops divisions; the margins absorb rounding.
+        min_lr=[floor * (1 - 1e-6) for floor in floors],
+        eps=min(floors) * 1e-3,
     )

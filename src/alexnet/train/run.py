@@ -43,6 +43,7 @@ from torch import nn
 from alexnet import config as config_lib
 from alexnet.checkpoint import load_checkpoint, model_from_checkpoint
 from alexnet.config import Config
+from alexnet.data import holdout as holdout_lib
 from alexnet.data.augment import Preprocess, make_preprocess
 from alexnet.data.loader import EpochBatchSampler, closing_loaders
 from alexnet.data.source import open_training_data
@@ -50,7 +51,7 @@ from alexnet.data.stats import DataStats
 from alexnet.errors import AlexNetError
 from alexnet.models.alexnet import build_model
 from alexnet.runtime import resolve_device
-from alexnet.train import checkpoints, distributed
+from alexnet.train import checkpoints, distributed, finetune
 from alexnet.train.checkpoints import load_for_resume
 from alexnet.train.distributed import Dist
 from alexnet.train.loop import Feeds, Loop, RunParts, report_skipped
@@ -165,14 +166,28 @@ def _run(given: Config, state: dict[str, Any] | None, run_dir: Path, d: Dist, st
         stats_max_images=given.data.stats_max_images,
         device=device,
         progress=progress,
+        holdout=given.data.holdout,
     )
-    cfg = _resolved(given, root, data.classes)  # from here on the run's configuration, unchanged
+    if data.holdout is not None:
+        # Recorded so that a resume holds out exactly these images (data/holdout.py).
+        holdout_lib.check_record(run_dir, data.holdout, resuming=state is not None, write=d.is_main)
+        log.info(
+            "data.holdout %g: %d images of train/ drive the lr plateaus and best.pt (val/ is not read)",
+            given.data.holdout,
+            data.counts["val"],
+        )
+    cfg = _resolved(given, root, data.classes)
+    source = None
+    if state is None and cfg.run.init_from:  # fine-tuning (finetune.py): the source's path and sha256 recorded
+        source = finetune.load_source(cfg.run.init_from, cfg.run.init_sha256)
+        cfg = _replace(cfg, "run", init_from=str(source.path), init_sha256=source.sha256)
+    # From here on the run's configuration, unchanged.
 
     reported: set[str] = set()
     if state is not None:
         model, pre = _from_checkpoint(cfg, state, run_dir, state_path, data.classes, reported)
     else:
-        model, pre = _fresh(cfg, data, d, reported)
+        model, pre = _fresh(cfg, data, d, reported, source)
     if d.is_main:
         config_lib.save(cfg, run_dir / "config.yaml")
     parts = _parts(cfg, run_dir, device, d, model.to(device), pre.to(device), data.classes, progress)
@@ -238,7 +253,10 @@ def _from_checkpoint(
     return model, pre
 
 
-def _fresh(cfg: Config, data: Any, d: Dist, reported: set[str]) -> tuple[nn.Module, Preprocess]:
+def _fresh(
+    cfg: Config, data: Any, d: Dist, reported: set[str], source: finetune.Source | None = None
+) -> tuple[nn.Module, Preprocess]:
+    """A new network, or with ``source`` one with its weights (fine-tuning), and the preprocessing."""
     pre_state = None
     if d.is_main:  # the statistics are computed once and sent to the other ranks
         log.info("mean image and RGB PCA over %d training images (%s)", data.counts["train"], data.description)
@@ -246,8 +264,11 @@ def _fresh(cfg: Config, data: Any, d: Dist, reported: set[str]) -> tuple[nn.Modu
         if skipped:
             log.warning("%d training files cannot be decoded and are skipped", len(skipped))
             report_skipped(skipped, reported)
-        pre_state = _preprocess(cfg, stats).state_dict()
+        pre = _preprocess(cfg, stats) if source is None else finetune.init_preprocess(cfg.data, source, stats)
+        pre_state = pre.state_dict()
     pre = Preprocess.from_state_dict(d.broadcast_object(pre_state))
+    if source is not None:
+        return finetune.init_model(cfg.model, source, data.classes, cfg.run.seed), pre
     torch.manual_seed(cfg.run.seed)
     return build_model(cfg.model), pre
 
@@ -281,9 +302,16 @@ def _parts(
     lr = cfg.optim.scaled_lr
     if lr != cfg.optim.lr:
         log.info("optim.lr_scaling linear: lr %g x batch %d / 128 = %g", cfg.optim.lr, cfg.optim.batch_size, lr)
-    optimizer = PaperSGD(
-        param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_biases), lr=lr, momentum=cfg.optim.momentum
-    )
+    frozen = finetune.freeze(model, cfg.optim.freeze)  # before the optimizer, which leaves them out
+    if frozen:
+        fixed = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        log.info("optim.freeze %s: %s fixed (%s parameters)", cfg.optim.freeze, ", ".join(frozen), f"{fixed:,}")
+    scale = cfg.optim.backbone_lr_scale
+    backbone_lr = lr * scale if scale != 1.0 else None
+    if backbone_lr is not None:
+        log.info("optim.backbone_lr_scale %g: lr %g for the layers before fc8, %g for fc8", scale, backbone_lr, lr)
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_biases, backbone_lr)
+    optimizer = PaperSGD(groups, lr=lr, momentum=cfg.optim.momentum)
     schedule = plateau_schedule(optimizer, cfg.optim)
     options = resolve_options(cfg.speed, device, cfg.model.name)
     log.info("step options: %s", ", ".join(f"{k} {v}" for k, v in options.as_dict().items()))

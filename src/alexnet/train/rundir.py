@@ -47,6 +47,14 @@ class RunLog:
                     self.writer.add_scalar(key, value, row["epoch"])
             self.writer.flush()
 
+    def step(self, step: int, scalars: dict[str, float]) -> None:
+        """TensorBoard scalars at an optimizer step, under ``step/`` (the epoch rows are per epoch);
+        flushed with the next epoch row, or by the writer itself every two minutes."""
+        if self.writer is not None:
+            for key, value in scalars.items():
+                if math.isfinite(value):
+                    self.writer.add_scalar(f"step/{key}", value, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

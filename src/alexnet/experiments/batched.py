@@ -1,0 +1,299 @@
+"""Several training runs of one small network in one process: stacked parameters and vmap.
+
+The CIFAR-sized nets of the experiments are launch-bound at the paper's batch of 128 (an
+H100 ran 12 of them at once at 305-335 W of 700, experiments/RESULTS.md). Here the seeds of
+one variant train together: ``torch.func.stack_module_state`` stacks their parameters
+along a new leading dimension, ``vmap`` over ``functional_call`` runs all forward passes
+as one set of kernels, and one backward of the summed per-run losses gives every run its
+own gradient (the runs share no parameter, so d(sum_k L_k)/d(theta_k) = dL_k/d(theta_k)).
+:class:`~alexnet.train.optim.PaperSGD` then updates the stacked tensors; its update is
+elementwise, so it is each run's own update.
+
+Each run keeps what :func:`alexnet.train.memory.fit` would have given it alone: its data
+order and augmentation come from its own generator (seeded as ``fit`` seeds it), and its
+dropout masks are drawn outside vmap from a second generator seeded as ``fit`` seeds the
+global one, with the CPU kernel's own recipe (``bernoulli_(1 - p)`` then ``/ (1 - p)``,
+aten's ``_dropout_impl``), and passed in. Inside the vmapped function nothing random runs
+(``randomness="error"`` enforces it): vmap's ``randomness="different"`` would draw other
+numbers than the runs alone.
+
+What is not bit-identical, and why: vmap turns a convolution whose weights are batched
+into one grouped convolution (K groups, K x 2 for the two-tower layers) and a linear layer
+into a batched matrix product, and oneDNN sums those in another order than the
+ungrouped kernels of a run alone; and a batched tensor reports ``requires_grad`` False, so
+:class:`~alexnet.models.alexnet.LocalResponseNorm` takes its ``F.local_response_norm``
+path (autograd through it, equal to the hand-written backward to rounding). The random
+streams are bit-identical; the losses agree to float32 rounding that grows with the steps
+(tests/experiments/test_batched.py states the tolerances).
+
+On CUDA the vmapped step is compiled with ``mode="reduce-overhead"`` (CUDA graphs: one
+replay per step instead of hundreds of launches) and the update with Inductor; if
+compiling fails the step stays eager, with a warning. On the CPU it is eager (compiling
+needs a C++ toolchain and tens of seconds per shape, train/step.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from alexnet.config import OptimConfig
+from alexnet.data.augment import Preprocess, train_batch
+from alexnet.data.cifar import ArraySplit
+from alexnet.errors import AlexNetError
+from alexnet.evaluate import topk_errors
+from alexnet.models.alexnet import Dropout
+from alexnet.train.memory import FitResult, Recipe, lr_at
+from alexnet.train.optim import PaperSGD
+
+log = logging.getLogger("alexnet")
+
+
+class _GivenMask(nn.Module):
+    """Dropout whose mask (already scaled: by 1 / (1 - p) inverted, by 1 paper-style) comes
+    from a queue shared by the net's dropouts."""
+
+    def __init__(self, p: float, queue: list[Tensor], style: str = "inverted") -> None:
+        super().__init__()
+        self.p, self.queue, self.style = p, queue, style
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:  # the paper's test-time factor; inverted dropout is the identity
+            return x * (1.0 - self.p) if self.style == "paper" else x
+        if self.p == 0:  # aten's dropout (and the paper-style module) draws nothing then
+            return x
+        return x * self.queue.pop(0)
+
+
+def _dropout_style(module: nn.Module) -> str | None:
+    """ "inverted" for nn.Dropout, the module's style for the paper net's Dropout, else None."""
+    if isinstance(module, nn.Dropout):
+        return "inverted"
+    if isinstance(module, Dropout):
+        return module.style
+    return None
+
+
+def _dropout_specs(model: nn.Module, sample: Tensor) -> list[tuple[tuple[int, ...], float, bool]]:
+    """(feature shape, p, scaled?) of every dropout call of one forward, in call order (a module used
+    twice, as the paper net's ``dropout`` is, appears twice). Measured with hooks on a copy
+    in eval mode, so no random number is drawn."""
+    probe = copy.deepcopy(model).eval()
+    calls: list[tuple[tuple[int, ...], float, bool]] = []
+
+    def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if module.p > 0:  # type: ignore[operator]
+            scaled = _dropout_style(module) == "inverted"
+            calls.append((tuple(args[0].shape[1:]), float(module.p), scaled))  # type: ignore[arg-type]
+
+    for m in probe.modules():
+        if _dropout_style(m) is not None:
+            m.register_forward_pre_hook(hook)
+        elif isinstance(m, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
+            raise AlexNetError(f"batched runs support nn.Dropout only, not {type(m).__name__}")
+    with torch.no_grad():
+        probe(sample)
+    return calls
+
+
+def _template(model: nn.Module, queue: list[Tensor]) -> nn.Module:
+    """A parameterless copy of ``model`` (meta device) whose dropouts read the queue."""
+    t = copy.deepcopy(model).to("meta").train()
+    for parent in list(t.modules()):
+        for name, child in list(parent.named_children()):
+            style = _dropout_style(child)
+            if style is not None:
+                setattr(parent, name, _GivenMask(child.p, queue, style))  # type: ignore[arg-type]
+    return t
+
+
+def _groups(params: dict[str, Tensor], weight_decay: float) -> list[dict[str, Any]]:
+    """optim.param_groups' rule on the stacked parameters."""
+    if OptimConfig.decay_biases:
+        return [{"params": list(params.values()), "weight_decay": weight_decay}]
+    return [
+        {"params": [p for n, p in params.items() if not n.endswith("bias")], "weight_decay": weight_decay},
+        {"params": [p for n, p in params.items() if n.endswith("bias")], "weight_decay": 0.0},
+    ]
+
+
+class BatchedStep:
+    """``step(x (K, B, ...), labels (K, B), masks) -> (losses (K,), wrong (K,))``: one SGD step of K runs."""
+
+    def __init__(self, models: Sequence[nn.Module], recipe: Recipe, device: torch.device, compile_: bool) -> None:
+        self.queue: list[Tensor] = []
+        template = _template(models[0], self.queue)
+        params, buffers = stack_module_state(list(models))
+        self.params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
+        self.buffers = {n: b.to(device) for n, b in buffers.items()}
+        self.optimizer = PaperSGD(_groups(self.params, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum)
+        queue = self.queue
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, y: Tensor, masks: tuple) -> tuple:
+            queue[:] = list(masks)
+            logits = functional_call(template, (p, b), (x,))
+            return F.cross_entropy(logits.float(), y), topk_errors(logits.detach(), y, (1,))[1]
+
+        self.eager_losses = vmap(one, randomness="error")
+        self.losses = self.eager_losses
+        self.update: Callable[[], Any] = self.optimizer.step
+        self.compiled = False
+        if compile_:
+            # reduce-overhead: CUDA graphs of the forward and backward (static shapes; the
+            # epoch's last, smaller batch is a second graph).
+            self.losses = torch.compile(self.losses, mode="reduce-overhead", dynamic=False)
+            self.update = torch.compile(self.optimizer.step, dynamic=False)
+            self.compiled = True
+
+    def __call__(self, x: Tensor, y: Tensor, masks: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, wrong = self.losses(self.params, self.buffers, x, y, masks)
+        losses.sum().backward()
+        self.update()
+        # Copies: a CUDA graph's outputs are overwritten by its next replay.
+        return losses.detach().clone(), wrong.clone()
+
+    def eager(self) -> None:
+        """Give up compiling (the first compiled step failed)."""
+        self.losses = self.eager_losses
+        self.update, self.compiled = self.optimizer.step, False
+
+    def copy_into(self, k: int, model: nn.Module) -> None:
+        """Run k's current parameters into ``model`` (its own module, for testing and saving)."""
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(self.params[name][k])
+            for name, b in model.named_buffers():
+                if name in self.buffers:
+                    b.copy_(self.buffers[name][k])
+
+
+def _masks(
+    specs: list[tuple[tuple[int, ...], float, bool]], n: int, gens: list[torch.Generator], device: torch.device
+) -> tuple:
+    """Every dropout call's masks for K runs, (K, n, *shape) each, drawn as aten's CPU dropout
+    (and the paper-style Dropout, which draws the same Bernoulli mask and does not scale it) draws them."""
+    out = []
+    for shape, p, scaled in specs:
+        per_run = [torch.empty((n, *shape), device=device).bernoulli_(1 - p, generator=g) for g in gens]
+        if scaled:
+            per_run = [m.div_(1 - p) for m in per_run]
+        out.append(torch.stack(per_run))
+    return tuple(out)
+
+
+def fit_batched(
+    models: Sequence[nn.Module],
+    train: ArraySplit,
+    pre: Preprocess,
+    recipe: Recipe,
+    *,
+    seeds: Sequence[int],
+    device: torch.device,
+    on_rows: Sequence[Callable[[dict[str, float]], None] | None] | None = None,
+    compile_step: bool | None = None,
+) -> list[FitResult]:
+    """Train ``models`` (same architecture, each initialised with its seed) together, run k as
+    ``fit(models[k], train, pre, recipe, seed=seeds[k])`` would; the trained weights are
+    copied back into ``models``. A run that diverges or reaches ``recipe.stop_at_error``
+    keeps its weights and rows from that window on (the others go on); ``images_per_s`` of
+    a run is then its images over the shared time. ``compile_step`` None: on CUDA only."""
+    if len(models) != len(seeds) or not models:
+        raise AlexNetError(f"fit_batched needs one seed per model; got {len(models)} models, {len(seeds)} seeds")
+    k_runs = len(models)
+    on_rows = list(on_rows) if on_rows is not None else [None] * k_runs
+    images, labels = train.images.to(device), train.labels.to(device)
+    n = len(train)
+    steps = math.ceil(n / recipe.batch_size)
+    windows = max(1, min(recipe.windows_per_epoch, steps // 8))  # fit's windows
+    bounds = [round(steps * (w + 1) / windows) for w in range(windows)]
+    sample = train_batch(images[:2], pre, flip=False, lighting_std=0.0).to(device)
+    specs = _dropout_specs(models[0].to(device), sample)
+    if compile_step is None:
+        from alexnet.train.step import compile_available
+
+        compile_step = device.type == "cuda" and compile_available()
+    stepper = BatchedStep(models, recipe, device, compile_step)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data_gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    drop_gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]  # fit: torch.manual_seed(seed)
+    rows: list[list[dict[str, float]]] = [[] for _ in models]
+    done: list[FitResult | None] = [None] * k_runs
+    start, seen_total = time.perf_counter(), 0
+    for epoch in range(recipe.epochs):
+        lr = lr_at(recipe, epoch)
+        for group in stepper.optimizer.param_groups:
+            group["lr"] = lr
+        orders = [torch.randperm(n, generator=g, device=device) for g in data_gens]
+        for w, end in enumerate(bounds):
+            loss_sum = torch.zeros(k_runs, device=device)
+            wrong = torch.zeros(k_runs, device=device, dtype=torch.long)
+            seen = 0
+            for step in range(bounds[w - 1] if w else 0, end):
+                idx = [o[step * recipe.batch_size : (step + 1) * recipe.batch_size] for o in orders]
+                x = torch.stack([
+                    train_batch(images[i], pre, flip=recipe.flip, lighting_std=recipe.lighting_std, generator=g)
+                    for i, g in zip(idx, data_gens)
+                ])  # fmt: skip
+                y = torch.stack([labels[i] for i in idx])
+                masks = _masks(specs, len(idx[0]), drop_gens, device)
+                try:
+                    losses, batch_wrong = stepper(x, y, masks)
+                except Exception as e:  # noqa: BLE001 -- any compiler failure falls back to eager
+                    if not stepper.compiled:
+                        raise
+                    log.warning("compiled batched step failed (%s); continuing eager", str(e).splitlines()[0][:200])
+                    stepper.eager()
+                    losses, batch_wrong = stepper(x, y, masks)
+                loss_sum += losses * len(idx[0])
+                wrong += batch_wrong
+                seen += len(idx[0])
+            seen_total += seen
+            elapsed = time.perf_counter() - start
+            losses_host, wrong_host = loss_sum.tolist(), wrong.tolist()
+            for k in range(k_runs):
+                if done[k] is not None:
+                    continue
+                row = {
+                    "epoch": epoch + (w + 1) / windows,
+                    "train_loss": losses_host[k] / seen,
+                    "train_error": wrong_host[k] / seen,
+                    "lr": lr,
+                    "seconds": elapsed,
+                }
+                rows[k].append(row)
+                if on_rows[k] is not None:
+                    on_rows[k](row)
+                diverged = not math.isfinite(row["train_loss"])
+                if diverged or (recipe.stop_at_error and row["train_error"] <= recipe.stop_at_error):
+                    done[k] = FitResult(rows[k], diverged, elapsed, seen_total)
+                    stepper.copy_into(k, models[k])
+            if all(d is not None for d in done):
+                return [d for d in done if d is not None]
+        log.info(
+            "  epoch %d/%d  %d runs batched  train err %s  lr %.2g  %.0f img/s per run",
+            epoch + 1,
+            recipe.epochs,
+            k_runs,
+            " ".join(f"{100 * r[-1]['train_error']:.2f}%" for r in rows),
+            lr,
+            seen_total / (time.perf_counter() - start),
+        )
+    elapsed = time.perf_counter() - start
+    results = []
+    for k in range(k_runs):
+        if done[k] is None:
+            stepper.copy_into(k, models[k])
+            done[k] = FitResult(rows[k], False, elapsed, seen_total)
+        results.append(done[k])
+    return results  # type: ignore[return-value]
