@@ -6,7 +6,7 @@
 #    at a time, the same 3 batched in one process (--batch-seeds: vmap, CUDA graphs), and the
 #    same 3 in 3 processes (--jobs 3). $OUT/bench.json is rewritten after every part.
 # 2. The experiments, each run's result kept the moment its run (or batched group) finishes:
-#    the 30-epoch ablations (8 variants x 3 seeds, all of CIFAR-10), the overfitting pair
+#    the 30-epoch ablations (11 variants x 3 seeds, all of CIFAR-10), the overfitting pair
 #    (baseline and no-dropout, one seed, OVERFIT_EPOCHS), and section 3.3's cifar-norm.
 #    $OUT/exp.tgz is repacked whenever a new runs/*.json appears (checked every 10 s), so a
 #    call that ends early brings back every finished run; a second call with the run
@@ -14,8 +14,8 @@
 #
 # CIFAR-10 travels in .data/ (ignored by git, carried by the run tool). Knobs: LIMIT (seconds
 # for the whole call, default 450), BENCH=0 skips step 1, AB_JOBS (processes for the
-# ablation groups, default 4, each a variant with its 3 seeds batched: two waves of 4, so the
-# first four variants are kept even if the call ends before the second wave does), AB_VARIANTS
+# ablation groups, default 4, each a variant with its 3 seeds batched: waves of 4, so the
+# first four variants are kept even if the call ends before the next wave does), AB_VARIANTS
 # (default all), OVERFIT=0 / NORM=0 skip those, OVERFIT_EPOCHS (default 60), FIG1=1 adds Figure 1.
 set -u
 OUT=${OUT:-/tmp/exp-out}

@@ -212,6 +212,9 @@ def test_caffe_config_is_the_deploy_net(tmp_path):
         227,
     )
     assert state["config"]["data"]["crop_size"] == 227
+    # Caffe's Dropout layer scales kept units in training (inverted), so its fc7 and fc8
+    # expect unscaled test-time inputs: the import must not take the paper net's default.
+    assert model["dropout_style"] == "inverted"
     assert state["classes"][0] == "n01440764" and state["class_names"][0] == "tench"
     # conv1 takes RGB: its input channels are Caffe's BGR ones reversed.
     conv1 = caffe_blobs(1000)["conv1"][0]

@@ -260,9 +260,15 @@ def test_freeze_conv5_keeps_conv_weights_bit_for_bit(trees: dict[str, Path], sou
     assert cfg["run"]["init_from"] == str(source.resolve()) and cfg["optim"]["freeze"] == "conv5"
     assert cfg["run"]["init_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
     assert after["config"]["run"]["init_sha256"] == cfg["run"]["init_sha256"]
-    # An ordinary run: evaluate and export read it.
+    # An ordinary run: evaluate, export and serve read it.
     assert main(["evaluate", str(out / "best.pt"), "--data", str(trees["target"]), "--centre-only"]) == 0
     assert main(["export", str(out / "best.pt"), "--format", "torchscript", "--out", str(tmp_path / "ts.pt")]) == 0
+    testclient = pytest.importorskip("fastapi.testclient")
+    from alexnet.tools.serve import create_app
+
+    image = next((trees["target"] / "val" / "dog").iterdir()).read_bytes()
+    reply = testclient.TestClient(create_app(out / "best.pt")).post("/predict", files={"file": ("x.jpg", image)})
+    assert reply.status_code == 200 and {c["name"] for c in reply.json()["top"]} == {"dog", "eel"}
 
 
 def test_same_classes_keep_fc8_also_from_safetensors(

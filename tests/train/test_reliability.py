@@ -3,8 +3,8 @@
 Each test injects one fault into a real training run -- a separate process where the
 fault is a signal or an operating-system limit -- and checks the outcome against the
 uninterrupted run of the same recipe: the same weights, optimizer velocities, schedule
-state and metrics rows, bit for bit (timing fields aside). The README's reliability
-table points at these tests.
+state and metrics rows, bit for bit (timing fields aside). The reliability table of
+docs/reliability.md points at these tests.
 """
 
 from __future__ import annotations

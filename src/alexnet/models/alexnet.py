@@ -181,7 +181,7 @@ class Dropout(nn.Module):
     cuda-convnet's successors and Caffe do. Both have the same expectations up to the
     factor 1 - p, which the next layer's weights absorb: a paper-style network equals an
     inverted-style one whose fc7 and fc8 weights are multiplied by 1 - p
-    (tests/models/test_model.py), but with the paper's init and learning rate the inverted
+    (tests/models/test_dropout.py), but with the paper's init and learning rate the inverted
     style makes fc7 and fc8 see activations 1/(1-p) times larger in training.
     """
 
