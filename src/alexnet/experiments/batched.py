@@ -191,6 +191,63 @@ def _masks(
     return tuple(out)
 
 
+def _window(
+    stepper: BatchedStep,
+    batches: list[list[Tensor]],
+    images: Tensor,
+    labels: Tensor,
+    pre: Preprocess,
+    recipe: Recipe,
+    specs: list[tuple[tuple[int, ...], float, bool]],
+    data_gens: list[torch.Generator],
+    drop_gens: list[torch.Generator],
+) -> tuple[Tensor, Tensor, int]:
+    """One logging window of K runs: each batch's K index sets augmented with each run's own
+    generator, the masks drawn, one batched step. (loss sums (K,), wrong counts (K,), images
+    per run), all still on the device."""
+    k_runs = len(data_gens)
+    loss_sum = torch.zeros(k_runs, device=images.device)
+    wrong = torch.zeros(k_runs, device=images.device, dtype=torch.long)
+    seen = 0
+    for idx in batches:
+        x = torch.stack([
+            train_batch(images[i], pre, flip=recipe.flip, lighting_std=recipe.lighting_std, generator=g)
+            for i, g in zip(idx, data_gens)
+        ])  # fmt: skip
+        y = torch.stack([labels[i] for i in idx])
+        masks = _masks(specs, len(idx[0]), drop_gens, images.device)
+        try:
+            losses, batch_wrong = stepper(x, y, masks)
+        except Exception as e:  # noqa: BLE001 -- any compiler failure falls back to eager
+            if not stepper.compiled:
+                raise
+            log.warning("compiled batched step failed (%s); continuing eager", str(e).splitlines()[0][:200])
+            stepper.eager()
+            losses, batch_wrong = stepper(x, y, masks)
+        loss_sum += losses * len(idx[0])
+        wrong += batch_wrong
+        seen += len(idx[0])
+    return loss_sum, wrong, seen
+
+
+def _record(
+    row: dict[str, float],
+    rows: list[dict[str, float]],
+    on_row: Callable[[dict[str, float]], None] | None,
+    recipe: Recipe,
+    seen: int,
+) -> FitResult | None:
+    """Append one run's window row (and report it); its FitResult when the run stops here,
+    as fit's rule stops it: a non-finite loss, or ``recipe.stop_at_error`` reached."""
+    rows.append(row)
+    if on_row is not None:
+        on_row(row)
+    diverged = not math.isfinite(row["train_loss"])
+    if diverged or (recipe.stop_at_error and row["train_error"] <= recipe.stop_at_error):
+        return FitResult(rows, diverged, row["seconds"], seen)
+    return None
+
+
 def fit_batched(
     models: Sequence[nn.Module],
     train: ArraySplit,
@@ -236,48 +293,21 @@ def fit_batched(
             group["lr"] = lr
         orders = [torch.randperm(n, generator=g, device=device) for g in data_gens]
         for w, end in enumerate(bounds):
-            loss_sum = torch.zeros(k_runs, device=device)
-            wrong = torch.zeros(k_runs, device=device, dtype=torch.long)
-            seen = 0
-            for step in range(bounds[w - 1] if w else 0, end):
-                idx = [o[step * recipe.batch_size : (step + 1) * recipe.batch_size] for o in orders]
-                x = torch.stack([
-                    train_batch(images[i], pre, flip=recipe.flip, lighting_std=recipe.lighting_std, generator=g)
-                    for i, g in zip(idx, data_gens)
-                ])  # fmt: skip
-                y = torch.stack([labels[i] for i in idx])
-                masks = _masks(specs, len(idx[0]), drop_gens, device)
-                try:
-                    losses, batch_wrong = stepper(x, y, masks)
-                except Exception as e:  # noqa: BLE001 -- any compiler failure falls back to eager
-                    if not stepper.compiled:
-                        raise
-                    log.warning("compiled batched step failed (%s); continuing eager", str(e).splitlines()[0][:200])
-                    stepper.eager()
-                    losses, batch_wrong = stepper(x, y, masks)
-                loss_sum += losses * len(idx[0])
-                wrong += batch_wrong
-                seen += len(idx[0])
+            batches = [
+                [o[s * recipe.batch_size : (s + 1) * recipe.batch_size] for o in orders]
+                for s in range(bounds[w - 1] if w else 0, end)
+            ]
+            loss_sum, wrong, seen = _window(stepper, batches, images, labels, pre, recipe, specs, data_gens, drop_gens)
             seen_total += seen
             elapsed = time.perf_counter() - start
             losses_host, wrong_host = loss_sum.tolist(), wrong.tolist()
             for k in range(k_runs):
-                if done[k] is not None:
-                    continue
-                row = {
-                    "epoch": epoch + (w + 1) / windows,
-                    "train_loss": losses_host[k] / seen,
-                    "train_error": wrong_host[k] / seen,
-                    "lr": lr,
-                    "seconds": elapsed,
-                }
-                rows[k].append(row)
-                if on_rows[k] is not None:
-                    on_rows[k](row)
-                diverged = not math.isfinite(row["train_loss"])
-                if diverged or (recipe.stop_at_error and row["train_error"] <= recipe.stop_at_error):
-                    done[k] = FitResult(rows[k], diverged, elapsed, seen_total)
-                    stepper.copy_into(k, models[k])
+                if done[k] is None:
+                    row = {"epoch": epoch + (w + 1) / windows, "train_loss": losses_host[k] / seen}
+                    row.update(train_error=wrong_host[k] / seen, lr=lr, seconds=elapsed)
+                    done[k] = _record(row, rows[k], on_rows[k], recipe, seen_total)
+                    if done[k] is not None:  # diverged or at its target: its weights from this window on
+                        stepper.copy_into(k, models[k])
             if all(d is not None for d in done):
                 return [d for d in done if d is not None]
         log.info(
