@@ -24,7 +24,7 @@ def test_tiny_bench_writes_all_fields(tmp_path: Path, capsys) -> None:
     args = [
         "bench", "--images", "12", "--source-size", "80x60", "--image-size", "72", "--crop-size", "64",
         "--batch-size", "4", "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--workers", "0",
-        "--store", str(tmp_path / "store"), "--json", str(out), "--no-progress", "--towers", "--repeats", "2",
+        "--store", str(tmp_path / "store"), "--json", str(out), "--no-progress", "--towers", "--repeats", "2", "--min-window", "0",
     ]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -73,7 +73,7 @@ def test_bench_json_holds_each_part_as_it_finishes(tmp_path: Path, monkeypatch) 
     out = tmp_path / "bench.json"
     args = [
         "bench", "--images", "12", "--source-size", "80x60", "--image-size", "72", "--crop-size", "64",
-        "--batch-size", "4", "--steps", "1", "--warmup", "0", "--workers", "0", "--repeats", "1",
+        "--batch-size", "4", "--steps", "1", "--warmup", "0", "--workers", "0", "--repeats", "1", "--min-window", "0",
         "--store", str(tmp_path / "store"), "--json", str(out), "--no-progress",
     ]  # fmt: skip
     with pytest.raises(RuntimeError, match="time limit"):
@@ -153,3 +153,16 @@ def test_bench_refuses_a_store_as_source(tmp_path: Path, capsys) -> None:
     assert "reads an ImageFolder tree" in capsys.readouterr().err
     assert main(["bench", "--set", "optim.lr=0.1"]) == 2
     assert main(["bench", "--source-size", "500"]) == 2
+
+
+def test_the_bench_cache_store_of_an_older_version_is_prepared_again(tmp_path):
+    from alexnet.bench.run import _drop_stale_cache
+    from alexnet.data.store import VERSION
+
+    old, current = tmp_path / "old.store256", tmp_path / "new.store256"
+    for path, version in ((old, 1), (current, VERSION)):
+        path.mkdir()
+        (path / "store.json").write_text(json.dumps({"version": version}))
+    _drop_stale_cache(old)
+    _drop_stale_cache(current)
+    assert not old.exists() and (current / "store.json").is_file()

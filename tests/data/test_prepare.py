@@ -191,3 +191,16 @@ def test_image_size_beyond_the_bound_is_refused_before_anything_is_written(tree:
     assert not dest.exists()
     assert main(["prepare", str(tree), str(dest), "--image-size", "100000", "--no-progress"]) == 2
     assert not dest.exists()
+
+
+def test_a_store_of_an_older_format_version_is_named_not_called_foreign(tmp_path):
+    # Version 2 (the JPEG store's `encoding`) changed every prepare's fingerprint, so a
+    # version-1 store of the same folder cannot be continued: the message says why and what to do.
+    root = write_tree(tmp_path / "d", train=2, val=1)
+    prepare(root, tmp_path / "s", image_size=16, workers=0, progress=False)
+    header_path = tmp_path / "s" / store.HEADER
+    header = json.loads(header_path.read_text())
+    header["version"] = header["prepare"]["params"]["version"] = 1
+    header_path.write_text(json.dumps(header))
+    with pytest.raises(AlexNetError, match="format version 1, written by an older alexnet.*remove it"):
+        prepare(root, tmp_path / "s", image_size=16, workers=0, progress=False)

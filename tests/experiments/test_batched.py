@@ -155,7 +155,8 @@ def test_batch_seeds_end_to_end_matches_runs_alone_and_keeps_each_run(
     capsys.readouterr()
 
 
-@pytest.mark.slow
+# In the default run (about 27 s with a cold Inductor cache on 2 cores): the compiled path of the
+# batched step is what GPUs run; on the CPU it is Inductor without CUDA graphs.
 def test_the_compiled_batched_step_matches_the_eager_one(caplog: pytest.LogCaptureFixture) -> None:
     # The path CUDA takes (torch.compile of the vmapped step and of the update; CUDA graphs
     # only on CUDA), here on the CPU with Inductor's C++ backend: minutes to compile the first

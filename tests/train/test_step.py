@@ -297,7 +297,8 @@ def test_graph_step_sends_a_partial_batch_through_the_eager_model() -> None:
     assert calls == ["graphed"] * 4 + ["eager"] * 2 and step.static_batch == 6
 
 
-@pytest.mark.slow
+# In the default run (about 26 s with a cold Inductor cache on 2 cores): issue 13 asks for the
+# reduce-overhead path tested on the CPU; on the CPU Inductor compiles without CUDA graphs.
 def test_reduce_overhead_step_matches_eager_with_a_partial_last_batch() -> None:
     """On the CPU Inductor runs without CUDA graphs; the routing and the values are what is checked."""
     pre, batches = _pre(), [_batch(6, seed=0), _batch(6, seed=1), _batch(4, seed=2)]

@@ -9,7 +9,9 @@ each is seen alone.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +25,7 @@ from alexnet.bench.reference import reference_arms
 from alexnet.bench.report import pct, summarise
 from alexnet.data.augment import make_preprocess, train_batch
 from alexnet.data.loader import EpochBatchSampler, resolve_workers
+from alexnet.data.store import VERSION as STORE_VERSION
 from alexnet.data.store import StoreLoader, is_store, open_store
 from alexnet.data.synthetic import make_bench_images
 from alexnet.errors import AlexNetError
@@ -121,6 +124,20 @@ def _source_images(bc: BenchConfig, workers: int) -> Path:
     return root
 
 
+def _drop_stale_cache(store_path: Path) -> None:
+    """The bench's own store in the cache, if an older alexnet wrote it in another store format
+    version, is removed so that it is prepared again (a prepare refuses to add to it)."""
+    header = store_path / "store.json"
+    if header.is_file():
+        try:
+            version = json.loads(header.read_text()).get("version")
+        except (OSError, ValueError, AttributeError):
+            version = None
+        if version != STORE_VERSION:
+            log.info("%s is a bench store of format version %s; preparing it again", store_path, version)
+            shutil.rmtree(store_path)
+
+
 def _variants(
     bc: BenchConfig, options: StepOptions, classes: int, pre: Any, device: torch.device
 ) -> dict[str, Measurement]:
@@ -161,6 +178,8 @@ def run_bench(bc: BenchConfig, on_part: Callable[[dict[str, Any]], None] | None 
 
     from alexnet.data.prepare import prepare
 
+    if not bc.store:
+        _drop_stale_cache(store_path)
     report = prepare(root, store_path, image_size=bc.image_size, workers=workers, progress=bc.progress)
     store = open_store(store_path, bc.image_size)
     split, classes = store.split("train"), len(store.classes)

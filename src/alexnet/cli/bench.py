@@ -26,8 +26,8 @@ def register(sub: Any) -> None:
     b.add_argument("--batch-sizes", default="", help="more batch sizes for the model step, e.g. 256,512")
     b.add_argument("--steps", type=int, help="least timed steps per window (default 20; 2 on the CPU)")
     b.add_argument("--warmup", type=int, help="untimed steps before each measurement (default 5; 1 on the CPU)")
-    b.add_argument("--repeats", type=int, help="windows per figure, interleaved with the reference's (3; 2 on the CPU)")
-    b.add_argument("--min-window", type=float, help="shortest window in seconds (default 2 on a GPU, none on the CPU)")
+    b.add_argument("--repeats", type=int, help="windows per figure, interleaved with the reference's (3)")
+    b.add_argument("--min-window", type=float, help="shortest window in seconds (default 2)")
     b.add_argument(
         "--towers", action=argparse.BooleanOptionalAction, help="also time split towers (default: on a GPU only)"
     )

@@ -222,6 +222,13 @@ def _already_prepared(dest: Path, source: Source, params: dict[str, Any]) -> boo
             for name in header["splits"]:  # left by a prepare interrupted right after its header
                 jpegstore.remove_parts(dest, name)
             return True
+        version = header.get("version")
+        if version != store.VERSION and version in store.READABLE_VERSIONS:
+            raise AlexNetError(
+                f"{dest} is a store of format version {version}, written by an older alexnet: it is still read "
+                f"for training and evaluation, but a prepare cannot add to it; remove it to prepare version "
+                f"{store.VERSION}, or choose another destination"
+            )
         raise AlexNetError(f"{dest} already holds a store of other data or parameters; choose another destination")
     if dest.exists() and any(dest.iterdir()) and not (dest / store.PROGRESS).is_file():
         raise AlexNetError(f"{dest} exists and is not an alexnet store; give a new or empty folder")
