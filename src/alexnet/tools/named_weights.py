@@ -134,19 +134,13 @@ def fetch(spec: object, url: str | None = None, progress: bool = False) -> tuple
         download(url, path, progress)
     else:
         # A file brought by hand (the offline message asks for one) is checked as a download is.
+        from alexnet.data.store import sha256_file
+
         try:
-            check_hash(path, _sha256(path), url)
+            check_hash(path, sha256_file(path), url)
         except AlexNetError as e:
             raise AlexNetError(f"{path}: {e}; remove it to download again") from None
     return member, path
-
-
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def named_checkpoint_state(spec: object, url: str | None = None, progress: bool = False) -> dict[str, Any]:

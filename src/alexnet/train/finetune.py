@@ -31,7 +31,6 @@ its config records the source's absolute path and sha256 (run.init_from, run.ini
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from alexnet.checkpoint import load_checkpoint
 from alexnet.config import Config, DataConfig, ModelConfig
 from alexnet.data.augment import Preprocess, make_preprocess
 from alexnet.data.stats import DataStats
+from alexnet.data.store import sha256_file
 from alexnet.errors import AlexNetError
 from alexnet.models.alexnet import LAYER_NAMES, AlexNet, build_model
 
@@ -71,20 +71,12 @@ def source_file(init_from: str | Path) -> Path:
     return (path / "last.pt" if path.is_dir() else path).resolve()
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_source(init_from: str | Path, expected_sha256: str = "") -> Source:
     """The checked checkpoint; AlexNetError when it is missing, not a checkpoint, or not the
     file whose sha256 the config names (a config reused from an earlier run)."""
     path = source_file(init_from)
     state = load_checkpoint(path)  # one-line errors: missing, a bare state_dict, damaged
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     if expected_sha256 and digest != expected_sha256:
         raise AlexNetError(
             f"{path} has sha256 {digest[:12]}..., not the {expected_sha256[:12]}... that run.init_sha256 names: "
