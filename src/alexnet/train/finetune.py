@@ -138,7 +138,8 @@ def _check_shapes(model: AlexNet, source: Source, head: set[str]) -> None:
     """Every copied tensor has the shape the run's network needs; else one line naming why."""
     weights, saved = source.state["model"], source.config.model
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in head}
-    found = {k: tuple(v.shape) for k, v in weights.items() if k not in _head_keys_of(source)}
+    source_head = _head_keys_of(source)
+    found = {k: tuple(v.shape) for k, v in weights.items() if k not in source_head}
     if wanted.keys() != found.keys():
         odd = sorted(wanted.keys() ^ found.keys())
         raise AlexNetError(
@@ -185,16 +186,15 @@ def init_model(model_cfg: ModelConfig, source: Source, classes: list[str], seed:
     head = _head_keys(model)
     _check_shapes(model, source, head)
     model = model.to_empty(device="cpu")
-    weights = source.state["model"]
-    copied = {k: v for k, v in weights.items() if k not in _head_keys_of(source)}
+    weights, source_head = source.state["model"], _head_keys_of(source)
+    copied = {k: v for k, v in weights.items() if k not in source_head}
     missing, unexpected = model.load_state_dict(copied, strict=False)
     assert set(missing) == head and not unexpected, (missing, unexpected)
     saved_classes = list(source.state["classes"])
     layers = len(model.named_layers())
     if sorted(saved_classes) == sorted(classes):
         order = torch.tensor([saved_classes.index(c) for c in classes])
-        src_head = sorted(_head_keys_of(source))  # bias, weight
-        model.get_classifier().load_state_dict({k.rsplit(".", 1)[1]: weights[k][order] for k in src_head})
+        model.get_classifier().load_state_dict({k.rsplit(".", 1)[1]: weights[k][order] for k in source_head})
         kept = "fc8 kept" if saved_classes == classes else "fc8's rows reordered to this data's class order"
         log.info(
             "initialised from %s (sha256 %s...): all %d layers copied, %s",
