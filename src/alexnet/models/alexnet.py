@@ -191,10 +191,7 @@ class PaperAlexNet(InferenceInterface, nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        layers = [self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.fc6, self.fc7, self.fc8]
-        for layer in layers:
-            if layer is None:
-                continue
+        for layer in self.named_layers().values():
             if self.config.init == "paper":
                 # Section 5: weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the
                 # hidden fully connected layers "to accelerate the early stages of learning
