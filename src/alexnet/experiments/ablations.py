@@ -33,11 +33,13 @@ from alexnet.experiments.common import (
     check_counts,
     device_line,
     evaluate_split,
+    fit_group,
     make_pre,
     mean_std,
     pct,
     pyplot,
     split_stats,
+    verdict,
 )
 from alexnet.models.alexnet import count_parameters, create_model
 from alexnet.train.memory import FitResult, Recipe, fit
@@ -217,21 +219,18 @@ def ablation_group_run(
     on_rows: dict[str, Callable[[dict[str, float]], None]],
 ) -> dict[str, dict[str, Any]]:
     """The seeds of one variant trained together (experiments/batched.py), each tested alone."""
-    from alexnet.experiments.batched import fit_batched
-
-    names = list(jobs)
-    variants = {jobs[n].variant for n in names}
-    if len(variants) != 1:
-        raise AlexNetError(f"runs trained together must be one variant; got {', '.join(sorted(variants))}")
-    recipe = ablation_recipe(settings, VARIANTS[variants.pop()])
+    recipe = ablation_recipe(settings, VARIANTS[next(iter(jobs.values())).variant])
     pre = make_pre(stats, recipe).to(device)
-    models = [_ablation_model(jobs[n], len(train.classes), settings, device) for n in names]
-    seeds = [jobs[n].seed for n in names]
-    fits = fit_batched(models, train, pre, recipe, seeds=seeds, device=device, on_rows=[on_rows[n] for n in names])
-    return {
-        n: {**_ablation_result(jobs[n], m, r, pre, test, device), "batched_runs": len(names)}
-        for n, m, r in zip(names, models, fits)
-    }
+    return fit_group(
+        jobs,
+        lambda job: _ablation_model(job, len(train.classes), settings, device),
+        train,
+        pre,
+        recipe,
+        lambda job, model, r: _ablation_result(job, model, r, pre, test, device),
+        device=device,
+        on_rows=on_rows,
+    )
 
 
 def _ablation_model(
@@ -293,19 +292,6 @@ def ablations(
     return summary
 
 
-def _verdict(effect: float, se: float, n: int, claimed: bool) -> str:
-    """Whether removing a component raised the error: compared with twice its standard error."""
-    if not math.isfinite(effect):
-        return "undetermined"
-    if not math.isfinite(se) or n < 2:
-        return "undetermined (one seed: no spread)"
-    if effect > 2 * se:
-        return "yes" if claimed else "helps"
-    if effect < -2 * se:
-        return "no (the opposite)" if claimed else "hurts"
-    return "not resolved (within noise)"
-
-
 def _ablation_summary(
     settings: AblationSettings, train: ArraySplit, test: ArraySplit, results: dict[str, list[dict]], run: RunDir
 ) -> dict[str, Any]:
@@ -330,14 +316,11 @@ def _ablation_summary(
         }
         if name != "baseline" and base:
             effect = mean - b_mean  # points of error the component is worth (removing it adds this)
-            se = math.sqrt(
-                (std**2 if len(errs) > 1 else math.nan) / len(errs)
-                + (b_std**2 if len(base_errs) > 1 else math.nan) / len(base_errs)
-            )
+            se = math.sqrt(std**2 / len(errs) + b_std**2 / len(base_errs))  # std nan for one seed
             row.update(
                 effect=effect,
                 effect_se=se,
-                reproduced=_verdict(
+                reproduced=verdict(
                     effect,
                     se,
                     min(len(errs), len(base_errs)),
@@ -364,6 +347,7 @@ def _ten_patch_row(base: list[dict]) -> dict[str, Any]:
     # Paired by seed: the same trained net tested both ways.
     diffs = [r["test_top1_error"] - r["ten_top1_error"] for r in base]
     d_mean, d_std = mean_std(diffs)
+    d_se = d_std / math.sqrt(len(diffs))  # nan for one seed
     tens = [r["ten_top1_error"] for r in base]
     t_mean, t_std = mean_std(tens)
     return {
@@ -379,8 +363,8 @@ def _ten_patch_row(base: list[dict]) -> dict[str, Any]:
         "ten_patch_mean": t_mean,
         "ten_patch_std": t_std,
         "effect": d_mean,
-        "effect_se": d_std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
-        "reproduced": _verdict(d_mean, d_std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan, len(diffs), True),
+        "effect_se": d_se,
+        "reproduced": verdict(d_mean, d_se, len(diffs), True),
         "final_train_error_mean": statistics.fmean(r["final_train_error"] for r in base),
         "parameters": base[0]["parameters"],
     }
