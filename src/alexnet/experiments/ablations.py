@@ -201,7 +201,7 @@ def ablation_run(
     """Train one variant with one seed and test it (module level, so worker processes can run it)."""
     recipe = ablation_recipe(settings, VARIANTS[job.variant])
     pre = make_pre(stats, recipe).to(device)
-    model = _ablation_model(job, len(train.classes), settings, device)
+    model = ablation_model(job, len(train.classes), settings, device)
     r = fit(model, train, pre, recipe, seed=job.seed, device=device, on_row=on_row)
     return _ablation_result(job, model, r, pre, test, device)
 
@@ -221,7 +221,7 @@ def ablation_group_run(
     pre = make_pre(stats, recipe).to(device)
     return fit_group(
         jobs,
-        lambda job: _ablation_model(job, len(train.classes), settings, device),
+        lambda job: ablation_model(job, len(train.classes), settings, device),
         train,
         pre,
         recipe,
@@ -231,9 +231,7 @@ def ablation_group_run(
     )
 
 
-def _ablation_model(
-    job: AblationJob, classes: int, settings: AblationSettings, device: torch.device
-) -> torch.nn.Module:
+def ablation_model(job: AblationJob, classes: int, settings: AblationSettings, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(job.seed)  # the run's initial weights
     return create_model("paper", classes, **ablation_model_options(settings, VARIANTS[job.variant])).to(device)
 
