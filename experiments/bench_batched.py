@@ -28,10 +28,9 @@ from typing import Any
 import torch
 
 from alexnet.data.cifar import ArraySplit
-from alexnet.experiments.ablations import VARIANTS, AblationSettings, ablation_model_options, ablation_recipe
+from alexnet.experiments.ablations import VARIANTS, AblationJob, AblationSettings, ablation_model, ablation_recipe
 from alexnet.experiments.batched import fit_batched
 from alexnet.experiments.common import make_pre, split_stats
-from alexnet.models.alexnet import create_model
 from alexnet.train.memory import FitResult, fit
 
 
@@ -43,16 +42,14 @@ def _data(n: int) -> ArraySplit:
 
 def _setup(args: argparse.Namespace) -> tuple:
     settings = AblationSettings(width=args.width, fc_width=args.fc_width, epochs=args.epochs)
-    variant = VARIANTS[args.variant]
-    recipe = ablation_recipe(settings, variant)
+    recipe = ablation_recipe(settings, VARIANTS[args.variant])
     recipe.windows_per_epoch = 1
     train = _data(args.images)
-    return settings, variant, recipe, train, make_pre(split_stats(train), recipe)
+    return settings, args.variant, recipe, train, make_pre(split_stats(train), recipe)
 
 
-def _model(settings: AblationSettings, variant: Any, seed: int, device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return create_model("paper", 10, **ablation_model_options(settings, variant)).to(device)
+def _model(settings: AblationSettings, variant: str, seed: int, device: torch.device) -> torch.nn.Module:
+    return ablation_model(AblationJob(variant, seed), 10, settings, device)
 
 
 def _steady(r: FitResult, n: int) -> tuple[float, float]:

@@ -17,9 +17,9 @@ from alexnet.experiments.ablations import (
     REDUCED_ABLATIONS,
     VARIANTS,
     AblationSettings,
-    _verdict,
     ablation_model_options,
 )
+from alexnet.experiments.common import verdict
 from alexnet.models.alexnet import PaperAlexNet, create_model
 
 
@@ -34,7 +34,7 @@ from alexnet.models.alexnet import PaperAlexNet, create_model
     ],
 )
 def test_verdict(effect: float, se: float, n: int, claimed: bool, expected: str) -> None:
-    assert _verdict(effect, se, n, claimed) == expected
+    assert verdict(effect, se, n, claimed) == expected
 
 
 def test_ablation_baseline_is_the_paper_layer_pattern_at_cifar_scale() -> None:

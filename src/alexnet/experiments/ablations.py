@@ -6,7 +6,8 @@ trained with each component the paper credits removed in turn, over several seed
 top-1 error mean and standard deviation next to the effect the paper claims.
 
 Training is :func:`alexnet.train.memory.fit`, test errors come from evaluate.py; the run
-directory is :class:`~alexnet.experiments.common.RunDir`.
+directory is :class:`~alexnet.experiments.common.RunDir`; the figure and summary.md are
+drawn by :mod:`~alexnet.experiments.ablation_report`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,18 +26,18 @@ from alexnet.data.augment import Preprocess
 from alexnet.data.cifar import ArraySplit
 from alexnet.data.stats import DataStats
 from alexnet.errors import AlexNetError
+from alexnet.experiments.ablation_report import ablation_markdown, plot_ablations
 from alexnet.experiments.common import (
     Experiment,
     RunDir,
     check_at_least_one,
     check_counts,
-    device_line,
     evaluate_split,
+    fit_group,
     make_pre,
     mean_std,
-    pct,
-    pyplot,
     split_stats,
+    verdict,
 )
 from alexnet.models.alexnet import count_parameters, create_model
 from alexnet.train.memory import FitResult, Recipe, fit
@@ -201,7 +201,7 @@ def ablation_run(
     """Train one variant with one seed and test it (module level, so worker processes can run it)."""
     recipe = ablation_recipe(settings, VARIANTS[job.variant])
     pre = make_pre(stats, recipe).to(device)
-    model = _ablation_model(job, len(train.classes), settings, device)
+    model = ablation_model(job, len(train.classes), settings, device)
     r = fit(model, train, pre, recipe, seed=job.seed, device=device, on_row=on_row)
     return _ablation_result(job, model, r, pre, test, device)
 
@@ -217,26 +217,21 @@ def ablation_group_run(
     on_rows: dict[str, Callable[[dict[str, float]], None]],
 ) -> dict[str, dict[str, Any]]:
     """The seeds of one variant trained together (experiments/batched.py), each tested alone."""
-    from alexnet.experiments.batched import fit_batched
-
-    names = list(jobs)
-    variants = {jobs[n].variant for n in names}
-    if len(variants) != 1:
-        raise AlexNetError(f"runs trained together must be one variant; got {', '.join(sorted(variants))}")
-    recipe = ablation_recipe(settings, VARIANTS[variants.pop()])
+    recipe = ablation_recipe(settings, VARIANTS[next(iter(jobs.values())).variant])
     pre = make_pre(stats, recipe).to(device)
-    models = [_ablation_model(jobs[n], len(train.classes), settings, device) for n in names]
-    seeds = [jobs[n].seed for n in names]
-    fits = fit_batched(models, train, pre, recipe, seeds=seeds, device=device, on_rows=[on_rows[n] for n in names])
-    return {
-        n: {**_ablation_result(jobs[n], m, r, pre, test, device), "batched_runs": len(names)}
-        for n, m, r in zip(names, models, fits)
-    }
+    return fit_group(
+        jobs,
+        lambda job: ablation_model(job, len(train.classes), settings, device),
+        train,
+        pre,
+        recipe,
+        lambda job, model, r: _ablation_result(job, model, r, pre, test, device),
+        device=device,
+        on_rows=on_rows,
+    )
 
 
-def _ablation_model(
-    job: AblationJob, classes: int, settings: AblationSettings, device: torch.device
-) -> torch.nn.Module:
+def ablation_model(job: AblationJob, classes: int, settings: AblationSettings, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(job.seed)  # the run's initial weights
     return create_model("paper", classes, **ablation_model_options(settings, VARIANTS[job.variant])).to(device)
 
@@ -288,22 +283,9 @@ def ablations(
         done = run.run_all(ablation_run, shared, jobs, device, workers)
     results = {v: [done[f"{v}-seed{seed}"] for seed in range(settings.seeds)] for v in settings.variants}
     summary = _ablation_summary(settings, train, test, results, run)
-    _plot_ablations(summary, run.out / "ablations.png")
-    run.write_summary(summary, _ablation_markdown(summary))
+    plot_ablations(summary, run.out / "ablations.png")
+    run.write_summary(summary, ablation_markdown(summary))
     return summary
-
-
-def _verdict(effect: float, se: float, n: int, claimed: bool) -> str:
-    """Whether removing a component raised the error: compared with twice its standard error."""
-    if not math.isfinite(effect):
-        return "undetermined"
-    if not math.isfinite(se) or n < 2:
-        return "undetermined (one seed: no spread)"
-    if effect > 2 * se:
-        return "yes" if claimed else "helps"
-    if effect < -2 * se:
-        return "no (the opposite)" if claimed else "hurts"
-    return "not resolved (within noise)"
 
 
 def _ablation_summary(
@@ -330,14 +312,11 @@ def _ablation_summary(
         }
         if name != "baseline" and base:
             effect = mean - b_mean  # points of error the component is worth (removing it adds this)
-            se = math.sqrt(
-                (std**2 if len(errs) > 1 else math.nan) / len(errs)
-                + (b_std**2 if len(base_errs) > 1 else math.nan) / len(base_errs)
-            )
+            se = math.sqrt(std**2 / len(errs) + b_std**2 / len(base_errs))  # std nan for one seed
             row.update(
                 effect=effect,
                 effect_se=se,
-                reproduced=_verdict(
+                reproduced=verdict(
                     effect,
                     se,
                     min(len(errs), len(base_errs)),
@@ -364,6 +343,7 @@ def _ten_patch_row(base: list[dict]) -> dict[str, Any]:
     # Paired by seed: the same trained net tested both ways.
     diffs = [r["test_top1_error"] - r["ten_top1_error"] for r in base]
     d_mean, d_std = mean_std(diffs)
+    d_se = d_std / math.sqrt(len(diffs))  # nan for one seed
     tens = [r["ten_top1_error"] for r in base]
     t_mean, t_std = mean_std(tens)
     return {
@@ -379,77 +359,11 @@ def _ten_patch_row(base: list[dict]) -> dict[str, Any]:
         "ten_patch_mean": t_mean,
         "ten_patch_std": t_std,
         "effect": d_mean,
-        "effect_se": d_std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
-        "reproduced": _verdict(d_mean, d_std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan, len(diffs), True),
+        "effect_se": d_se,
+        "reproduced": verdict(d_mean, d_se, len(diffs), True),
         "final_train_error_mean": statistics.fmean(r["final_train_error"] for r in base),
         "parameters": base[0]["parameters"],
     }
-
-
-def _plot_ablations(summary: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    rows = [r for r in summary["rows"] if "ten_patch_mean" not in r]
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1.2), dpi=120)
-    ys = range(len(rows))
-    means = [100 * r["mean"] for r in rows]
-    stds = [100 * r["std"] if math.isfinite(r["std"]) else 0.0 for r in rows]
-    ax.barh(
-        list(ys),
-        means,
-        xerr=stds,
-        color=["#555555" if r["variant"] == "baseline" else "#aaaaaa" for r in rows],
-        capsize=3,
-    )
-    for y, r in zip(ys, rows):
-        for e in r["test_top1_errors"]:
-            ax.plot(100 * e, y, "k.", markersize=3)
-    ax.set_yticks(list(ys), [r["variant"] for r in rows])
-    ax.invert_yaxis()
-    if rows[0]["variant"] == "baseline":
-        ax.axvline(means[0], color="#555555", linestyle=":", linewidth=0.8)
-    ax.set_xlabel("test top-1 error (%), centre patch")
-    ax.set_title("bars: mean over seeds, lines: std, dots: single seeds", fontsize=8)
-    lo = min(100 * min(r["test_top1_errors"]) for r in rows)
-    ax.set_xlim(max(0.0, lo - 5), None)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _ablation_markdown(s: dict[str, Any]) -> str:
-    env = s["environment"]
-    st = s["settings"]
-    lines = [
-        "# Ablations of the paper's network on CIFAR-10",
-        "",
-        f"Command: `{env['command']}`  ",
-        device_line(env),
-        (
-            f"{s['training_images']:,} training images, {s['test_images']:,} test images, {st['epochs']} epochs, "
-            f"batch {st['batch_size']}, width x{st['width']:g}, fc {st['fc_width']}, {st['seeds']} seed(s) per variant."
-        ),
-        "",
-        (
-            "Effect = variant's mean test top-1 error minus the baseline's (points); positive means the "
-            "component helps. Reproduced = the effect exceeds twice its standard error in the paper's direction."
-        ),
-        "",
-        "| variant | change | paper's claim | test top-1 error % (mean +- std, n) | effect (+- se) | reproduced |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in s["rows"]:
-        err = f"{pct(r['mean'])} +- {pct(r['std'])} (n={r['seeds']})"
-        if "ten_patch_mean" in r:
-            err = f"centre {pct(r['mean'])} / ten {pct(r['ten_patch_mean'])} +- {pct(r['ten_patch_std'])} (n={r['seeds']})"
-        effect = "-" if "effect" not in r else f"{100 * r['effect']:+.2f} +- {pct(r['effect_se'])}"
-        lines.append(f"| {r['variant']} | {r['what']} | {r['paper']} | {err} | {effect} | {r.get('reproduced', '-')} |")
-    lines += ["", "Training error at the last epoch (online, with augmentation and dropout), mean over seeds:", ""]
-    lines += [
-        f"- {r['variant']}: {pct(r['final_train_error_mean'])}% ({r['parameters']:,} parameters)"
-        for r in s["rows"]
-        if "ten_patch_mean" not in r
-    ]
-    return "\n".join(lines) + "\n"
 
 
 EXPERIMENT = Experiment("ablations", AblationSettings, AblationSettings(), REDUCED_ABLATIONS, ablations)

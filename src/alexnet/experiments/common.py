@@ -10,6 +10,7 @@ finished there, so a long experiment can be done in pieces (also with other ``--
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -34,7 +35,7 @@ from alexnet.errors import AlexNetError
 from alexnet.evaluate import EvalResult, evaluate
 from alexnet.files import atomic_write_text, write_json
 from alexnet.runtime import cpu_cores
-from alexnet.train.memory import Recipe
+from alexnet.train.memory import FitResult, Recipe
 
 log = logging.getLogger("alexnet")
 
@@ -106,6 +107,32 @@ def evaluate_split(
     """Top-1/top-5 test error of the centre patch and, with ``ten``, of the ten patches."""
     results, _ = evaluate([model], [pre], _batches(test, 500), device, ten=ten)
     return results
+
+
+def fit_group(
+    jobs: dict[str, Any],
+    models: Callable[[Any], nn.Module],
+    train: ArraySplit,
+    pre: Preprocess,
+    recipe: Recipe,
+    result: Callable[[Any, nn.Module, FitResult], dict[str, Any]],
+    *,
+    device: torch.device,
+    on_rows: dict[str, Callable[[dict[str, float]], None]],
+) -> dict[str, dict[str, Any]]:
+    """The runs of ``jobs`` (name -> job; the jobs differ in their ``seed`` only) trained
+    together by experiments/batched.py, each model made by ``models(job)``: each run's
+    ``result(job, model, fit)`` with ``batched_runs``, the number trained together."""
+    from alexnet.experiments.batched import fit_batched
+
+    kinds = {dataclasses.replace(j, seed=0) for j in jobs.values()}
+    if len(kinds) != 1:
+        raise AlexNetError(f"runs trained together must differ in seed only; got {sorted(map(str, kinds))}")
+    names = list(jobs)
+    nets = [models(jobs[n]) for n in names]
+    seeds = [jobs[n].seed for n in names]
+    fits = fit_batched(nets, train, pre, recipe, seeds=seeds, device=device, on_rows=[on_rows[n] for n in names])
+    return {n: {**result(jobs[n], m, r), "batched_runs": len(names)} for n, m, r in zip(names, nets, fits)}
 
 
 def epochs_to(rows: Sequence[dict[str, float]], target: float) -> float | None:
@@ -339,6 +366,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def verdict(effect: float, se: float, n: int, claimed: bool) -> str:
+    """Whether removing a component raised the error: compared with twice its standard error."""
+    if not math.isfinite(effect):
+        return "undetermined"
+    if not math.isfinite(se) or n < 2:
+        return "undetermined (one seed: no spread)"
+    if effect > 2 * se:
+        return "yes" if claimed else "helps"
+    if effect < -2 * se:
+        return "no (the opposite)" if claimed else "hurts"
+    return "not resolved (within noise)"
 
 
 def pct(x: float | None, digits: int = 2) -> str:

@@ -38,6 +38,7 @@ from alexnet.experiments.common import (
     check_counts,
     device_line,
     epochs_to,
+    fit_group,
     make_pre,
     mean_std,
     pct,
@@ -103,8 +104,7 @@ def figure1_run(
     on_row: Callable[[dict[str, float]], None],
 ) -> dict[str, Any]:
     """One training run of Figure 1's network (module level, so worker processes can run it)."""
-    torch.manual_seed(job.seed)
-    model = Figure1Net(job.activation, len(train.classes), init=init).to(device)
+    model = _figure1_model(job, len(train.classes), init, device)
     r = fit(
         model,
         train,
@@ -129,23 +129,22 @@ def figure1_group_run(
     on_rows: dict[str, Callable[[dict[str, float]], None]],
 ) -> dict[str, dict[str, Any]]:
     """Runs of one activation, learning rate and length trained together (experiments/batched.py)."""
-    from alexnet.experiments.batched import fit_batched
+    j = next(iter(jobs.values()))
+    return fit_group(
+        jobs,
+        lambda job: _figure1_model(job, len(train.classes), init, device),
+        train,
+        pre.to(device),
+        dataclasses.replace(base, lr=j.lr, epochs=j.epochs),
+        lambda job, model, r: _figure1_result(job, r, target),
+        device=device,
+        on_rows=on_rows,
+    )
 
-    kinds = {(j.activation, j.lr, j.epochs) for j in jobs.values()}
-    if len(kinds) != 1:
-        raise AlexNetError(f"runs trained together must share activation, lr and epochs; got {sorted(kinds)}")
-    names = list(jobs)
-    models = []
-    for n in names:
-        torch.manual_seed(jobs[n].seed)
-        models.append(Figure1Net(jobs[n].activation, len(train.classes), init=init).to(device))
-    j = jobs[names[0]]
-    recipe = dataclasses.replace(base, lr=j.lr, epochs=j.epochs)
-    fits = fit_batched(
-        models, train, pre.to(device), recipe, seeds=[jobs[n].seed for n in names], device=device,
-        on_rows=[on_rows[n] for n in names],
-    )  # fmt: skip
-    return {n: {**_figure1_result(jobs[n], r, target), "batched_runs": len(names)} for n, r in zip(names, fits)}
+
+def _figure1_model(job: Figure1Job, classes: int, init: str, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(job.seed)  # the run's initial weights
+    return Figure1Net(job.activation, classes, init=init).to(device)
 
 
 def _figure1_result(job: Figure1Job, r: FitResult, target: float) -> dict[str, Any]:

@@ -30,7 +30,6 @@ import torch
 from alexnet.data.cifar import ArraySplit
 from alexnet.data.stats import DataStats
 from alexnet.errors import AlexNetError
-from alexnet.experiments.ablations import _verdict
 from alexnet.experiments.common import (
     Experiment,
     RunDir,
@@ -38,10 +37,12 @@ from alexnet.experiments.common import (
     check_counts,
     device_line,
     evaluate_split,
+    fit_group,
     make_pre,
     mean_std,
     pct,
     split_stats,
+    verdict,
 )
 from alexnet.models.alexnet import count_parameters
 from alexnet.models.cifar_convnet import CudaConvnetCifar
@@ -146,18 +147,18 @@ def norm_group_run(
     on_rows: dict[str, Callable[[dict[str, float]], None]],
 ) -> dict[str, dict[str, Any]]:
     """One variant's seeds trained together (experiments/batched.py)."""
-    from alexnet.experiments.batched import fit_batched
-
-    names = list(jobs)
     recipe = norm_recipe(settings)
     pre = make_pre(stats, recipe).to(device)
-    models = [_model(jobs[n], len(train.classes), device) for n in names]
-    seeds = [jobs[n].seed for n in names]
-    fits = fit_batched(models, train, pre, recipe, seeds=seeds, device=device, on_rows=[on_rows[n] for n in names])
-    return {
-        n: {**_result(jobs[n], m, r, pre, test, device), "batched_runs": len(names)}
-        for n, m, r in zip(names, models, fits)
-    }
+    return fit_group(
+        jobs,
+        lambda job: _model(job, len(train.classes), device),
+        train,
+        pre,
+        recipe,
+        lambda job, model, r: _result(job, model, r, pre, test, device),
+        device=device,
+        on_rows=on_rows,
+    )
 
 
 def cifar_norm(
@@ -204,7 +205,7 @@ def cifar_norm(
         "rows": list(rows.values()),
         "effect": effect,
         "effect_se": se,
-        "reproduced": _verdict(effect, se, n, True),
+        "reproduced": verdict(effect, se, n, True),
     }
     run.write_summary(summary, _markdown(summary))
     return summary
