@@ -2,7 +2,7 @@
 
     python benchmarks/store_e2e.py [--images 20000] [--rounds 3] [--steps 30] [--device auto]
 
-Generates ImageNet-sized bench JPEGs (synthetic.make_bench_images, 500x375), prepares a
+Generates ImageNet-sized bench JPEGs (benchimages.make_bench_images, 500x375), prepares a
 raw and a JPEG store of them (beside the JPEGs, in the cache folder), then times, in
 rounds alternating raw/JPEG: the data path (store batches onto the device through the
 paper's augmentation, alexnet bench's "ours: data") and end to end (the same plus the
@@ -25,7 +25,7 @@ from alexnet.bench.run import _ours_data, _ours_end_to_end, measure_model_step, 
 from alexnet.data.augment import make_preprocess
 from alexnet.data.prepare import prepare
 from alexnet.data.store import open_store
-from alexnet.data.synthetic import make_bench_images
+from alexnet.data.benchimages import make_bench_images
 from alexnet.files import cache_dir
 from alexnet.runtime import describe_device, resolve_device
 from alexnet.train.step import resolve_options

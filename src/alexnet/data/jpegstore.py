@@ -3,7 +3,7 @@
 Why: a raw store costs S*S*3 bytes per image (196,608 at 256x256; ImageNet's 1.28M
 training images: 252 GB), more than the RAM of a training node, so every epoch of
 ImageNet would be read from disk. At quality 96 with 4:4:4 chroma an image takes
-15-49 KB (measured on upscaled CIFAR-10 and on synthetic.py's noisy 500x375 bench
+15-49 KB (measured on upscaled CIFAR-10 and on benchimages.py's noisy 500x375 bench
 JPEGs, the worst case), 4-13x less, at a PSNR of 51.6 and 40.9 dB against the raw
 pixels. 4:2:0 chroma saves 20-30% more but costs 1.5 dB (35.4 dB at quality 90 on the
 bench JPEGs), below the 40 dB this store promises.
