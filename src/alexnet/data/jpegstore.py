@@ -304,30 +304,10 @@ class JpegSplit:
 
 def open_split(root: Path, name: str, info: dict[str, Any], labels: np.ndarray, size: int) -> JpegSplit:
     """Check a JPEG split's index and data file against the header (store.open_store has checked the labels)."""
-    from alexnet.data.store import npy_layout, sha256_file
+    from alexnet.data.store import check_array_file, check_size, check_small_file, require_file
 
-    data_path, index_path = root / info["images"], root / info["index"]
-    for path in (data_path, index_path):
-        if not path.is_file():
-            raise AlexNetError(f"store {root} is missing {path.name}")
-    shape, dtype, offset = npy_layout(index_path)
-    slots = int(info["slots"])
-    if shape != (slots + 1,) or dtype != np.int64:
-        raise AlexNetError(f"{index_path} holds {dtype} {shape}; the header says int64 ({slots + 1},)")
-    if index_path.stat().st_size != offset + 8 * (slots + 1):
-        raise AlexNetError(f"{index_path} is truncated: {index_path.stat().st_size:,} bytes")
-    if sha256_file(index_path) != info["index_sha256"]:
-        raise AlexNetError(f"store file {index_path} does not match its checksum in the header: damaged or replaced")
-    expected, actual = int(info["bytes"]), data_path.stat().st_size
-    if actual != expected:
-        what = "truncated" if actual < expected else "longer than its header says"
-        raise AlexNetError(f"{data_path} is {what}: {actual:,} bytes, expected {expected:,}")
+    data_path = require_file(root, info["images"])
+    check_array_file(root, info["index"], (int(info["slots"]) + 1,), np.int64)
+    index_path = check_small_file(root, info["index"], info["index_sha256"])
+    check_size(data_path, int(info["bytes"]))
     return JpegSplit(name, data_path, index_path, labels, info, size)
-
-
-def crc_chunk(args: tuple[str, int, int]) -> int:
-    """CRC-32 of bytes [start, stop) of a data file (store.verify_store)."""
-    path, start, stop = args
-    with open(path, "rb") as f:
-        f.seek(start)
-        return zlib.crc32(f.read(stop - start))
