@@ -153,7 +153,7 @@ def plan_chunks(
     chunk_size: int,
     quality: int,
 ) -> list[Any]:
-    """prepare._plan_chunks for a JPEG store: a part file per chunk; a recorded chunk whose part is gone is redone."""
+    """chunks.plan_chunks for a JPEG store: a part file per chunk; a recorded chunk whose part is gone is redone."""
     from alexnet.data.chunks import ChunkTask
 
     tasks = []

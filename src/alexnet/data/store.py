@@ -176,7 +176,12 @@ class Store:
 
     @property
     def skipped(self) -> list[str]:
-        return [f"{s['item']}: {s['reason']}" for info in self.header["splits"].values() for s in info["skipped"]]
+        return skipped_lines(self.header)
+
+
+def skipped_lines(header: dict[str, Any]) -> list[str]:
+    """'item: reason' for every source image a store left out, from its header."""
+    return [f"{s['item']}: {s['reason']}" for info in header["splits"].values() for s in info["skipped"]]
 
 
 def _read_header(root: Path) -> dict[str, Any]:
