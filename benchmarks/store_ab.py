@@ -31,7 +31,7 @@ import torch
 
 from alexnet.data.loader import EpochBatchSampler
 from alexnet.data.store import StoreLoader, StoreSplit, open_store
-from alexnet.runtime import describe_device
+from alexnet.runtime import environment
 
 
 class LoopGather(StoreSplit):
@@ -148,10 +148,7 @@ def main() -> None:
     result.update(
         what=args.what,
         store=args.store,
-        device=describe_device(torch.device(args.device)),
-        torch=torch.__version__,
-        date=time.strftime("%Y-%m-%d"),
-        command=" ".join(sys.argv),
+        environment=environment(torch.device(args.device), " ".join(sys.argv)),
     )
     print(json.dumps(result))
 

@@ -2,9 +2,9 @@
 
     python benchmarks/store_e2e.py [--images 20000] [--rounds 3] [--steps 30] [--device auto]
 
-Generates ImageNet-sized bench JPEGs (synthetic.make_bench_images, 500x375), prepares a
-raw and a JPEG store of them (beside the JPEGs, in the cache folder), then times, in
-rounds alternating raw/JPEG: the data path (store batches onto the device through the
+Generates ImageNet-sized bench JPEGs (benchimages.make_bench_images, 500x375), prepares a
+raw and a JPEG store of them (beside the JPEGs, in the cache folder), then times, in windows
+interleaved in rotation (bench.measure.interleaved): the data path (store batches onto the device through the
 paper's augmentation, alexnet bench's "ours: data") and end to end (the same plus the
 paper network's training step, "ours: end to end"). Prints one JSON line: the medians
 and the median ratio JPEG/raw of each. On CUDA a JPEG batch is decoded by nvJPEG.
@@ -16,18 +16,15 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
-import torch
-
-from alexnet.bench.measure import BenchConfig
-from alexnet.bench.run import _ours_data, _ours_end_to_end, measure_model_step, our_step
+from alexnet.bench.measure import BenchConfig, interleaved, min_window
+from alexnet.bench.run import _ours_data_arm, _ours_end_to_end_arm, measure_model_step, our_step
 from alexnet.data.augment import make_preprocess
+from alexnet.data.benchimages import make_bench_images
 from alexnet.data.prepare import prepare
 from alexnet.data.store import open_store
-from alexnet.data.synthetic import make_bench_images
 from alexnet.files import cache_dir
-from alexnet.runtime import describe_device, resolve_device
+from alexnet.runtime import environment, resolve_device
 from alexnet.train.step import resolve_options
 
 
@@ -67,25 +64,23 @@ def main() -> None:
         bc.model, len(open_store(root.with_name(root.name + f".raw{bc.image_size}")).classes), bc, options, pre, device
     )
     like = measure_model_step(bc.model, "ours: step", step, bc, bc.batch_size, 10, device, options, None)
-    rows: dict[str, list[float]] = {f"{fmt} {what}": [] for fmt in splits for what in ("data", "end to end")}
-    for r in range(args.rounds):
-        for fmt in ("raw", "jpeg") if r % 2 == 0 else ("jpeg", "raw"):
-            rows[f"{fmt} data"].append(_ours_data(splits[fmt], pre, bc, device).images_per_s)
-            rows[f"{fmt} end to end"].append(_ours_end_to_end(splits[fmt], step, bc, device, like).images_per_s)
-            print(
-                f"round {r} {fmt}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rows.items() if k.startswith(fmt)),
-                file=sys.stderr,
-            )
+    arms = {}
+    for fmt, split in splits.items():
+        arms[f"{fmt} data"], _ = _ours_data_arm(split, pre, bc, device)
+        arms[f"{fmt} end to end"], _ = _ours_end_to_end_arm(split, step, bc, device)
+
+    def show(name: str, rate: float) -> None:
+        print(f"{name}: {rate:.0f} img/s", file=sys.stderr)
+
+    windows = interleaved(arms, bc.steps, bc.warmup, args.rounds, device, min_window(bc, device), on_window=show)
+    rows = {name: w.images_per_s for name, w in windows.items()}
     result = {k: statistics.median(v) for k, v in rows.items()}
     for what in ("data", "end to end"):
         ratios = [j / r for j, r in zip(rows[f"jpeg {what}"], rows[f"raw {what}"])]
         result[f"jpeg/raw {what}"] = statistics.median(ratios)
     result.update(
         model_step=like.images_per_s,
-        device=describe_device(device),
-        torch=torch.__version__,
-        date=time.strftime("%Y-%m-%d"),
-        command=" ".join(sys.argv),
+        environment=environment(device, " ".join(sys.argv)),
     )
     print(json.dumps(result))
 

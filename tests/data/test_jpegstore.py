@@ -22,7 +22,8 @@ from alexnet.data import prepare as prepare_mod
 from alexnet.data.augment import make_preprocess, train_batch
 from alexnet.data.loader import EpochBatchSampler
 from alexnet.data.prepare import prepare
-from alexnet.data.store import StoreLoader, StoreSplit, open_store, verify_store
+from alexnet.data.store import StoreLoader, StoreSplit, open_store
+from alexnet.data.verify import verify_store
 from alexnet.errors import AlexNetError
 from conftest import write_jpeg
 

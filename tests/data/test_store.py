@@ -21,7 +21,8 @@ from alexnet.data.images import ImageFolderDataset, scan_image_folder
 from alexnet.data.loader import EpochBatchSampler, make_loader
 from alexnet.data.prepare import prepare
 from alexnet.data.source import open_training_data
-from alexnet.data.store import StoreLoader, open_store, verify_store
+from alexnet.data.store import StoreLoader, open_store
+from alexnet.data.verify import verify_store
 from alexnet.errors import AlexNetError
 from conftest import write_tree
 

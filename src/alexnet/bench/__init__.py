@@ -27,7 +27,7 @@ before each of its windows; ``--json`` is rewritten after each part (bench/measu
 
 Modules: measure (the settings, one measurement, timing), flops (FLOPs and peaks),
 reference (the baseline), run (our side and the run of both), report (the record and
-its table). The benchmark's JPEGs are made by data.synthetic.make_bench_images.
+its table). The benchmark's JPEGs are made by data.benchimages.make_bench_images.
 """
 
 from alexnet.bench.measure import BenchConfig, Measurement

@@ -24,10 +24,10 @@ from alexnet.bench.measure import Arm, BenchConfig, Measurement, Windows, cycle,
 from alexnet.bench.reference import reference_arms
 from alexnet.bench.report import pct, summarise
 from alexnet.data.augment import make_preprocess, train_batch
+from alexnet.data.benchimages import make_bench_images
 from alexnet.data.loader import EpochBatchSampler, resolve_workers
 from alexnet.data.store import VERSION as STORE_VERSION
 from alexnet.data.store import StoreLoader, is_store, open_store
-from alexnet.data.synthetic import make_bench_images
 from alexnet.errors import AlexNetError
 from alexnet.files import cache_dir
 from alexnet.models.alexnet import build_model, count_parameters, model_config

@@ -63,7 +63,7 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from alexnet.data.prepare import prepare
-    from alexnet.data.store import verify_store
+    from alexnet.data.verify import verify_store
 
     if len(args.paths) > 2 or (len(args.paths) == 1 and not args.verify):
         raise AlexNetError("usage: alexnet prepare SRC DEST [--verify], or alexnet prepare --verify STORE")

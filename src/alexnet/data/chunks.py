@@ -1,10 +1,11 @@
 """The work of ``alexnet prepare`` (prepare.py) on one chunk of consecutive images, run in pool processes.
 
-:func:`write_chunk` decodes a chunk and writes it into the store's images file (raw) or
-into its own part file (JPEG, jpegstore.py), and returns its progress record; :func:`chunk_sums` sums a written chunk for the training
+:func:`plan_chunks` lists the chunks of a raw store still to be written (a JPEG store's:
+jpegstore.plan_chunks). :func:`write_chunk` decodes a chunk and writes it into the
+store's images file (raw) or into its own part file (JPEG, jpegstore.py), and returns
+its progress record; :func:`chunk_sums` sums a written chunk for the training
 statistics. Both take plain picklable arguments, so prepare.py can hand them to a
-process pool (or call them in-process with ``workers=0``).
-"""
+process pool (or call them in-process with ``workers=0``)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from alexnet.data import jpegstore
+from alexnet.data import jpegstore, store
 from alexnet.data.ilsvrc import Member
 from alexnet.data.images import BadImage, load_image
+from alexnet.errors import AlexNetError
 from alexnet.files import atomic_write
 
 _archives: dict[str, int] = {}  # archive path -> file descriptor, one per worker process
@@ -71,6 +73,29 @@ class ChunkTask:
     quality: int = 0  # JPEG quality
 
 
+def plan_chunks(
+    dest: Path, source: Any, done: dict[tuple[str, int], dict[str, Any]], image_size: int, chunk_size: int
+) -> list[ChunkTask]:
+    """The chunks of a raw store not yet in ``done``, creating each split's images file where needed
+    (``done`` loses the records of a split whose file is new)."""
+    tasks = []
+    for name, split in source.splits.items():
+        path = dest / store.images_file(name)
+        shape = (len(split.members), image_size, image_size, 3)
+        if not done or not path.is_file():
+            # A sparse file: creating it costs nothing whatever its size.
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+            for key in [k for k in done if k[0] == name]:
+                del done[key]
+        elif store.npy_layout(path)[0] != shape:
+            raise AlexNetError(f"{path} does not have the shape this prepare needs; delete {dest} to start over")
+        for k, start in enumerate(range(0, len(split.members), chunk_size)):
+            if (name, k) not in done:
+                members = split.members[start : start + chunk_size]
+                tasks.append(ChunkTask(name, k, start, str(path), split.archive, members, image_size))
+    return tasks
+
+
 def write_chunk(task: ChunkTask) -> dict[str, Any]:
     """Decode one chunk, write it durably (raw: into the images file; JPEG: its part file); returns its progress record."""
     s = task.image_size
@@ -90,9 +115,7 @@ def write_chunk(task: ChunkTask) -> dict[str, Any]:
         return record
     # One pwrite at the chunk's place and an fdatasync, rather than mapping the file in
     # every worker and msync-ing the whole mapping after every chunk.
-    from alexnet.data.store import npy_layout
-
-    offset = npy_layout(Path(task.images_path))[2] + task.start * s * s * 3
+    offset = store.npy_layout(Path(task.images_path))[2] + task.start * s * s * 3
     fd = os.open(task.images_path, os.O_WRONLY)
     try:
         view, written = memoryview(buf).cast("B"), 0

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from alexnet.data import jpegstore, store
-from alexnet.data.chunks import ChunkTask, chunk_sums, write_chunk
+from alexnet.data.chunks import ChunkTask, chunk_sums, plan_chunks, write_chunk
 from alexnet.data.loader import resolve_workers
 from alexnet.data.source import Source, SplitSource, find_source
 from alexnet.data.stats import DataStats, StatsAccumulator
@@ -144,9 +144,9 @@ def prepare(
     """Write (or finish writing) the store of ``src`` at ``dest``; see the module docstring."""
     if encoding not in ("raw", jpegstore.ENCODING):
         raise AlexNetError(f"store format must be raw or jpeg; got {encoding!r}")
-    if encoding == jpegstore.ENCODING and not 1 <= quality <= 100:
-        raise AlexNetError(f"JPEG quality must be 1-100; got {quality}")
     if encoding == jpegstore.ENCODING:
+        if not 1 <= quality <= 100:
+            raise AlexNetError(f"JPEG quality must be 1-100; got {quality}")
         import torchvision.io  # noqa: F401  # once here, not in every forked worker of both pools (about 1 s each)
     if image_size < 1 or chunk_size < 1:
         raise AlexNetError(f"image size and chunk size must be positive; got {image_size} and {chunk_size}")
@@ -157,10 +157,7 @@ def prepare(
     dest = Path(dest)
     workers = resolve_workers(workers)
     source = find_source(src)
-    params = _params(source, image_size, chunk_size)
-    params["encoding"] = encoding
-    if encoding == jpegstore.ENCODING:
-        params["quality"] = quality
+    params = _params(source, image_size, chunk_size, encoding, quality)
     if _already_prepared(dest, source, params):
         return PrepareReport(dest, 0, 0.0, workers, [], complete_before=True, encoding=encoding)
     dest.mkdir(parents=True, exist_ok=True)
@@ -172,7 +169,10 @@ def prepare(
         if not progress_path.is_file():
             with open(progress_path, "w") as f:
                 f.write(json.dumps(params) + "\n")
-        tasks = _plan_chunks(dest, source, done, image_size, chunk_size, encoding, quality)
+        if encoding == jpegstore.ENCODING:
+            tasks = jpegstore.plan_chunks(dest, source, done, image_size, chunk_size, quality)
+        else:
+            tasks = plan_chunks(dest, source, done, image_size, chunk_size)
         todo = sum(len(t.members) for t in tasks)
         seconds = _write_chunks(tasks, source, done, progress_path, chunk_size, workers, progress)
         header = _finish(dest, source, params, done, workers, progress)
@@ -181,7 +181,7 @@ def prepare(
         todo,
         seconds,
         workers,
-        [f"{s['item']}: {s['reason']}" for info in header["splits"].values() for s in info["skipped"]],
+        store.skipped_lines(header),
         encoding=encoding,
         bytes_per_image=header["splits"]["train"]["bytes_per_image"],
         psnr_db=header["splits"]["train"].get("psnr_db"),
@@ -198,9 +198,9 @@ def prepare(
     return report
 
 
-def _params(source: Source, image_size: int, chunk_size: int) -> dict[str, Any]:
+def _params(source: Source, image_size: int, chunk_size: int, encoding: str, quality: int) -> dict[str, Any]:
     """What identifies a prepare: a resumed or repeated one must have exactly these."""
-    return {
+    params = {
         "format": store.FORMAT,
         "version": store.VERSION,
         "source": source.kind,
@@ -209,7 +209,11 @@ def _params(source: Source, image_size: int, chunk_size: int) -> dict[str, Any]:
         "chunk_size": chunk_size,
         "counts": {name: len(split.members) for name, split in source.splits.items()},
         "fingerprint": source.fingerprint(image_size, chunk_size),
+        "encoding": encoding,
     }
+    if encoding == jpegstore.ENCODING:
+        params["quality"] = quality
+    return params
 
 
 def _already_prepared(dest: Path, source: Source, params: dict[str, Any]) -> bool:
@@ -233,37 +237,6 @@ def _already_prepared(dest: Path, source: Source, params: dict[str, Any]) -> boo
     if dest.exists() and any(dest.iterdir()) and not (dest / store.PROGRESS).is_file():
         raise AlexNetError(f"{dest} exists and is not an alexnet store; give a new or empty folder")
     return False
-
-
-def _plan_chunks(
-    dest: Path,
-    source: Source,
-    done: dict[tuple[str, int], dict[str, Any]],
-    image_size: int,
-    chunk_size: int,
-    encoding: str = "raw",
-    quality: int = 0,
-) -> list[ChunkTask]:
-    """The chunks not yet in ``done``, creating each split's images file where needed
-    (``done`` loses the records of a split whose file is new)."""
-    if encoding == jpegstore.ENCODING:
-        return jpegstore.plan_chunks(dest, source, done, image_size, chunk_size, quality)
-    tasks = []
-    for name, split in source.splits.items():
-        path = dest / store.images_file(name)
-        shape = (len(split.members), image_size, image_size, 3)
-        if not done or not path.is_file():
-            # A sparse file: creating it costs nothing whatever its size.
-            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
-            for key in [k for k in done if k[0] == name]:
-                del done[key]
-        elif store.npy_layout(path)[0] != shape:
-            raise AlexNetError(f"{path} does not have the shape this prepare needs; delete {dest} to start over")
-        for k, start in enumerate(range(0, len(split.members), chunk_size)):
-            if (name, k) not in done:
-                members = split.members[start : start + chunk_size]
-                tasks.append(ChunkTask(name, k, start, str(path), split.archive, members, image_size))
-    return tasks
 
 
 def _write_chunks(

@@ -6,6 +6,7 @@ Training (:func:`open_training_data`) and evaluation (:func:`open_eval_data`) bo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from alexnet.data.holdout import digest, split_positions
 from alexnet.data.images import ImageFolderDataset, ImageList, find_splits, scan_image_folder, val_folder
 from alexnet.data.loader import EpochBatchSampler, make_loader
 from alexnet.data.stats import DataStats, compute_stats
-from alexnet.data.store import StoreLoader, StoreSplit, is_store, open_store
+from alexnet.data.store import StoreLoader, is_store, open_store
 from alexnet.errors import AlexNetError
 
 
@@ -63,7 +64,7 @@ def open_training_data(
         if holdout:
             base = store.split("train")
             kept, held = split_positions(base.labels[base.index], store.classes, holdout)
-            splits = {"train": SubsetSplit(base, kept), "val": SubsetSplit(base, held)}
+            splits = {"train": _subset_split(base, kept), "val": _subset_split(base, held)}
             record = _record(holdout, [f"slot {i}" for i in base.index[held]])
 
         def store_loader(split: str, sampler: EpochBatchSampler) -> StoreLoader:
@@ -121,29 +122,11 @@ def _record(holdout: float, names: list[str]) -> dict[str, Any]:
     return {"holdout": holdout, "images": len(names), "sha256": digest(names)}
 
 
-class SubsetSplit:
-    """Some positions of a store split, as a split of their own (what StoreLoader reads)."""
-
-    def __init__(self, base: StoreSplit, positions: np.ndarray) -> None:
-        self.base, self.positions = base, np.asarray(positions, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    @property
-    def image_size(self) -> int:
-        return self.base.image_size
-
-    @property
-    def encoding(self) -> str:
-        return self.base.encoding  # "raw" or "jpeg": how StoreLoader reads the base split
-
-    def gather(self, positions: np.ndarray | list[int], out: Any) -> np.ndarray:
-        return self.base.gather(self.positions[np.asarray(positions, dtype=np.int64)], out)
-
-    def decode_on(self, positions: np.ndarray | list[int], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
-        """A JPEG base split's batch decoded on ``device`` (nvJPEG on CUDA)."""
-        return self.base.decode_on(self.positions[np.asarray(positions, dtype=np.int64)], device)
+def _subset_split(split: Any, positions: np.ndarray) -> Any:
+    """Some positions of a store split (raw or JPEG) as a split of their own: the same files, a narrower index."""
+    part = copy.copy(split)
+    part.index = split.index[np.asarray(positions, dtype=np.int64)]
+    return part
 
 
 def open_eval_data(

@@ -26,7 +26,7 @@ Opening a store checks everything that is cheap to check: format and version, th
 resolution the caller expects, each images file's .npy header (dtype, shape) and exact
 byte size (a truncated copy is caught here), and SHA-256 checksums of the labels and
 statistics files. The images themselves carry a CRC-32 per chunk, checked on demand by
-:func:`verify_store` (``alexnet prepare --verify``): one read of the whole store, at
+verify.py (``alexnet prepare --verify``): one read of the whole store, at
 about 1.7 GB/s per core for the checksum on the development machine, usually limited by
 the disk.
 """
@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,10 +46,10 @@ import numpy as np
 import torch
 
 from alexnet.data import jpegstore
-from alexnet.data.loader import Batch, EpochBatchSampler, PinnedRing, resolve_workers
+from alexnet.data.loader import Batch, EpochBatchSampler, PinnedRing
 from alexnet.data.stats import DataStats
 from alexnet.errors import AlexNetError
-from alexnet.runtime import cpu_cores, die_with_parent
+from alexnet.runtime import cpu_cores
 
 FORMAT = "alexnet-store"
 # 2: the header names its "encoding" (raw or jpeg). A version-1 store is a raw store with
@@ -178,7 +176,12 @@ class Store:
 
     @property
     def skipped(self) -> list[str]:
-        return [f"{s['item']}: {s['reason']}" for info in self.header["splits"].values() for s in info["skipped"]]
+        return skipped_lines(self.header)
+
+
+def skipped_lines(header: dict[str, Any]) -> list[str]:
+    """'item: reason' for every source image a store left out, from its header."""
+    return [f"{s['item']}: {s['reason']}" for info in header["splits"].values() for s in info["skipped"]]
 
 
 def _read_header(root: Path) -> dict[str, Any]:
@@ -204,12 +207,36 @@ def _read_header(root: Path) -> dict[str, Any]:
     return header
 
 
-def _check_small_file(root: Path, name: str, expected_sha: str) -> Path:
-    path = root / name
-    if not path.is_file():
+def require_file(root: Path, name: str) -> Path:
+    if not (root / name).is_file():
         raise AlexNetError(f"store {root} is missing {name}")
+    return root / name
+
+
+def check_small_file(root: Path, name: str, expected_sha: str) -> Path:
+    path = require_file(root, name)
     if sha256_file(path) != expected_sha:
         raise AlexNetError(f"store file {path} does not match its checksum in {HEADER}: damaged or replaced")
+    return path
+
+
+def check_size(path: Path, expected: int) -> None:
+    actual = path.stat().st_size
+    if actual != expected:
+        what = "truncated" if actual < expected else "longer than its header says"
+        raise AlexNetError(f"{path} is {what}: {actual:,} bytes, expected {expected:,}")
+
+
+def check_array_file(root: Path, name: str, shape: tuple[int, ...], dtype: type) -> Path:
+    """A store's .npy file, present, with the dtype and shape the header implies and their exact byte size."""
+    path = require_file(root, name)
+    got_shape, got_dtype, offset = npy_layout(path)
+    if got_shape != shape or got_dtype != dtype:
+        raise AlexNetError(
+            f"{path} holds {got_dtype} {got_shape}; the header says {np.dtype(dtype)} {shape}: "
+            "the files do not belong together"
+        )
+    check_size(path, offset + int(np.prod(shape)) * np.dtype(dtype).itemsize)
     return path
 
 
@@ -236,71 +263,20 @@ def open_store(path: str | Path, image_size: int | None = None) -> Store:
             labels = _checked_labels(root, info, int(info["slots"]), len(header["classes"]))
             splits[name] = jpegstore.open_split(root, name, info, labels, size)
             continue
-        ipath = root / info["images"]
-        if not ipath.is_file():
-            raise AlexNetError(f"store {root} is missing {info['images']}")
-        shape, dtype, offset = npy_layout(ipath)
-        expected_shape = (int(info["slots"]), size, size, 3)
-        if shape != expected_shape or dtype != np.uint8:
-            raise AlexNetError(
-                f"{ipath} holds {dtype} {shape}; the header says uint8 {expected_shape}: the files do not belong together"
-            )
-        expected_bytes = offset + int(np.prod(shape))
-        actual = ipath.stat().st_size
-        if actual != expected_bytes:
-            what = "truncated" if actual < expected_bytes else "longer than its header says"
-            raise AlexNetError(f"{ipath} is {what}: {actual:,} bytes, expected {expected_bytes:,}")
-        labels = _checked_labels(root, info, shape[0], len(header["classes"]))
+        ipath = check_array_file(root, info["images"], (int(info["slots"]), size, size, 3), np.uint8)
+        labels = _checked_labels(root, info, int(info["slots"]), len(header["classes"]))
         images = np.load(ipath, mmap_mode="r")
         splits[name] = StoreSplit(name, images, labels, info)
     for key in STATS_KEYS:
-        _check_small_file(root, stats_file(key), header["stats"]["sha256"][key])
+        check_small_file(root, stats_file(key), header["stats"]["sha256"][key])
     return Store(root, header, splits)
 
 
 def _checked_labels(root: Path, info: dict[str, Any], slots: int, classes: int) -> np.ndarray:
-    labels = np.load(_check_small_file(root, info["labels"], info["labels_sha256"]), allow_pickle=False)
+    labels = np.load(check_small_file(root, info["labels"], info["labels_sha256"]), allow_pickle=False)
     if labels.shape != (slots,) or (len(labels) and (labels.min() < -1 or labels.max() >= classes)):
         raise AlexNetError(f"{root / info['labels']} does not fit the store ({labels.shape}, {classes} classes)")
     return labels
-
-
-def _crc_chunk(args: tuple[str, int, int]) -> int:
-    path, start, stop = args
-    images = np.load(path, mmap_mode="r")
-    return zlib.crc32(np.ascontiguousarray(images[start:stop]).data)
-
-
-def verify_store(path: str | Path, workers: int = -1, progress: bool = False) -> list[str]:
-    """Recompute every chunk's CRC-32 (reads the whole store); returns one line per damaged chunk."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm import tqdm
-
-    store = open_store(path)
-    problems: list[str] = []
-    tasks, names = [], []
-    for name, split in store.splits.items():
-        chunk = int(split.info["chunk_size"])
-        n = split.slots
-        for k, crc in enumerate(split.info["chunk_crc32"]):
-            start, stop = k * chunk, min(n, (k + 1) * chunk)
-            if isinstance(split, jpegstore.JpegSplit):  # the CRC of the chunk's bytes in the data file
-                start, stop = int(split.offsets[start]), int(split.offsets[stop])
-            tasks.append((str(store.root / split.info["images"]), start, stop))
-            names.append((name, k, crc))
-    workers = resolve_workers(workers)
-    bar = tqdm(total=len(tasks), desc="verify", unit="chunk", disable=not progress)
-    crc = jpegstore.crc_chunk if store.header.get("encoding") == jpegstore.ENCODING else _crc_chunk
-    with ProcessPoolExecutor(max(1, workers), initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-        for (name, k, want), (file, _, _), got in zip(names, tasks, pool.map(crc, tasks, chunksize=4)):
-            if got != want:
-                chunk = int(store.splits[name].info["chunk_size"])
-                first, last = k * chunk, min(store.splits[name].slots, (k + 1) * chunk) - 1
-                problems.append(f"{file}: images {first}-{last} (chunk {k}) do not match their checksum")
-            bar.update()
-    bar.close()
-    return problems
 
 
 # --------------------------------------------------------------------------------------
@@ -395,7 +371,3 @@ class StoreLoader:
             finally:  # the consumer stopped early: do not gather batches nobody will take
                 for future in pending:
                     future.cancel()
-
-
-# --------------------------------------------------------------------------------------
-# One entry point for training: an ImageFolder tree or a store
