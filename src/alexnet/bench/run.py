@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,7 +26,7 @@ from alexnet.bench.report import pct, summarise
 from alexnet.data.augment import make_preprocess, train_batch
 from alexnet.data.loader import EpochBatchSampler, resolve_workers
 from alexnet.data.store import VERSION as STORE_VERSION
-from alexnet.data.store import StoreLoader, is_store, open_store
+from alexnet.data.store import Store, StoreLoader, is_store, open_store
 from alexnet.data.synthetic import make_bench_images
 from alexnet.errors import AlexNetError
 from alexnet.files import cache_dir
@@ -34,6 +34,9 @@ from alexnet.models.alexnet import build_model, count_parameters, model_config
 from alexnet.runtime import resolve_device
 from alexnet.train.optim import PaperSGD, param_groups
 from alexnet.train.step import StepOptions, TrainStep, resolve_options
+
+if TYPE_CHECKING:
+    from alexnet.data.prepare import PrepareReport
 
 log = logging.getLogger("alexnet")
 
@@ -138,6 +141,17 @@ def _drop_stale_cache(store_path: Path) -> None:
             shutil.rmtree(store_path)
 
 
+def _prepared_store(bc: BenchConfig, root: Path, workers: int) -> tuple[Path, PrepareReport, Store]:
+    """(path, prepare's report, the open store) of bc.store, or of the cached store beside ``root``."""
+    from alexnet.data.prepare import prepare
+
+    store_path = Path(bc.store) if bc.store else root.with_name(root.name + f".store{bc.image_size}")
+    if not bc.store:
+        _drop_stale_cache(store_path)
+    report = prepare(root, store_path, image_size=bc.image_size, workers=workers, progress=bc.progress)
+    return store_path, report, open_store(store_path, bc.image_size)
+
+
 def _variants(
     bc: BenchConfig, options: StepOptions, classes: int, pre: Any, device: torch.device
 ) -> dict[str, Measurement]:
@@ -174,14 +188,7 @@ def run_bench(bc: BenchConfig, on_part: Callable[[dict[str, Any]], None] | None 
     device = resolve_device(bc.device)
     workers = resolve_workers(bc.workers)
     root = _source_images(bc, workers)
-    store_path = Path(bc.store) if bc.store else root.with_name(root.name + f".store{bc.image_size}")
-
-    from alexnet.data.prepare import prepare
-
-    if not bc.store:
-        _drop_stale_cache(store_path)
-    report = prepare(root, store_path, image_size=bc.image_size, workers=workers, progress=bc.progress)
-    store = open_store(store_path, bc.image_size)
+    store_path, report, store = _prepared_store(bc, root, workers)
     split, classes = store.split("train"), len(store.classes)
     if len(split) < bc.batch_size:
         raise AlexNetError(f"the store has {len(split)} training images, fewer than one batch of {bc.batch_size}")
