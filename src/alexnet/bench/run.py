@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from alexnet.bench.flops import device_peak, fp32_kind, step_flops
-from alexnet.bench.measure import Arm, BenchConfig, Measurement, Windows, cycle, interleaved, min_window
+from alexnet.bench.measure import Arm, BenchConfig, Measurement, Windows, cycle, from_windows, interleaved, min_window
 from alexnet.bench.reference import reference_arms
 from alexnet.bench.report import pct, summarise
 from alexnet.data.augment import make_preprocess, train_batch
@@ -58,15 +58,6 @@ def _step_arm(step: TrainStep, bc: BenchConfig, batch: int, classes: int, device
     return Arm(lambda: step.model_step(x, y), batch), step_flops(step.model, x, y) / batch
 
 
-def _measurement(
-    label: str, w: Windows, flops: float | None = None, peak: tuple = (None, None, None), **extra: Any
-) -> Measurement:
-    """A figure from its windows: the median images/s, all the windows' seconds and images."""
-    dtype, peak_flops, source = peak
-    n = w.images
-    return Measurement(label, w.median, w.seconds, n, flops, dtype, peak_flops, source, {**w.as_dict(), **extra})
-
-
 def _peak(options: StepOptions, device: torch.device, override: float | None) -> tuple[str, float | None, str | None]:
     peak, source = device_peak(device, options.amp if options.amp != "off" else fp32_kind(device), override)
     return options.amp, peak, source
@@ -78,8 +69,8 @@ def measure_model_step(
 ) -> Measurement:  # fmt: skip
     """The model step alone (:func:`_step_arm`), its median over ``bc.repeats`` windows, FLOPs and MFU."""
     arm, flops = _step_arm(step, bc, batch, classes, device)
-    w = interleaved({label: arm}, bc.steps, bc.warmup, bc.repeats, device, min_window(bc, device))[label]
-    return _measurement(
+    w = interleaved({label: arm}, bc.steps, bc.warmup, bc.repeats, device, min_window(bc))[label]
+    return from_windows(
         label, w, flops, _peak(options, device, override),
         model=name, batch_size=batch, options=options.as_dict(), parameters=count_parameters(step.model),
     )  # fmt: skip
@@ -177,7 +168,7 @@ def _variants(
 
 def _paired(bc: BenchConfig, device: torch.device, arms: dict[str, Arm]) -> dict[str, Windows]:
     """Ours and the reference's arm, window by window in turn."""
-    return interleaved(arms, bc.steps, bc.warmup, bc.repeats, device, min_window(bc, device))
+    return interleaved(arms, bc.steps, bc.warmup, bc.repeats, device, min_window(bc))
 
 
 def run_bench(bc: BenchConfig, on_part: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -215,7 +206,7 @@ def run_bench(bc: BenchConfig, on_part: Callable[[dict[str, Any]], None] | None 
         data_arm, ours_batches = _ours_data_arm(split, pre, bc, device)
         w = _paired(bc, device, {"ours": data_arm, **({"reference": ref.data} if ref else {})})
         ours_batches.close()
-        results["ours_data"] = _measurement("ours: data", w["ours"])
+        results["ours_data"] = from_windows("ours: data", w["ours"])
         if ref:
             results["reference_data"] = ref.measurement("reference: data", w["reference"], False)
         part_done()
@@ -229,7 +220,7 @@ def run_bench(bc: BenchConfig, on_part: Callable[[dict[str, Any]], None] | None 
             arm, flops = _step_arm(step, bc, batch_size, classes, device)
             paired = ref is not None and batch_size == bc.batch_size
             w = _paired(bc, device, {"ours": arm, **({"reference": ref.step} if paired else {})})
-            by_batch.append(_measurement("ours: step", w["ours"], flops, peak, batch_size=batch_size, **extra))
+            by_batch.append(from_windows("ours: step", w["ours"], flops, peak, batch_size=batch_size, **extra))
             if paired:
                 results["reference_step"] = ref.measurement("reference: step", w["reference"], True)
                 results["reference_step"].extra["model"] = "torchvision.models.alexnet"
@@ -245,7 +236,7 @@ def run_bench(bc: BenchConfig, on_part: Callable[[dict[str, Any]], None] | None 
         w = _paired(bc, device, {"ours": e2e_arm, **({"reference": ref.end_to_end} if ref else {})})
         ours_batches.close()
         like = results["ours_step"]
-        results["ours_end_to_end"] = _measurement("ours: end to end", w["ours"], like.flops_per_image, peak)
+        results["ours_end_to_end"] = from_windows("ours: end to end", w["ours"], like.flops_per_image, peak)
         if ref:
             results["reference_end_to_end"] = ref.measurement("reference: end to end", w["reference"], True)
         part_done()
