@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from alexnet.bench.measure import BenchConfig, sync
+from alexnet.bench.measure import Arm, BenchConfig, interleaved
 from alexnet.bench.run import our_step
 from alexnet.data.augment import make_preprocess
 from alexnet.models import alexnet as model_lib
@@ -92,21 +91,16 @@ def main() -> None:
 
     forwards = {"new": NEW_FORWARD, "loop": loop_forward, "old": old_forward}
 
-    def timed(name: str) -> float:
-        model_lib.LocalResponseNorm.forward = forwards[name]
-        sync(device)
-        start = time.perf_counter()
-        step.model_step(x, y)
-        sync(device)
-        return b / (time.perf_counter() - start)
+    def arm(forward: object) -> Arm:
+        def run() -> None:
+            model_lib.LocalResponseNorm.forward = forward  # type: ignore[method-assign]
+            step.model_step(x, y)
 
-    names = list(forwards)
-    for name in names:  # warm-up
-        timed(name)
-    runs: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(args.rounds):
-        for name in names[r % 3 :] + names[: r % 3]:  # each arm first in turn
-            runs[name].append(timed(name))
+        return Arm(run, b)
+
+    # One step per window, one warm-up step each; round r starts with arm r mod 3.
+    windows = interleaved({name: arm(f) for name, f in forwards.items()}, 1, 1, args.rounds, device)
+    runs = {name: w.images_per_s for name, w in windows.items()}
     ratios = [n / o for n, o in zip(runs["new"], runs["old"])]
     ratios_loop = [n / o for n, o in zip(runs["new"], runs["loop"])]
     print(json.dumps({

@@ -51,3 +51,17 @@ def test_step_scalars_every_two_steps_average_their_window(tmp_path):
     # The same run (same seed): the value at step 2 is the mean of steps 1 and 2.
     assert list(runs[2]) == [2]
     assert runs[2][2] == pytest.approx((runs[1][1] + runs[1][2]) / 2, rel=1e-5)
+
+
+def test_no_step_scalars_without_tensorboard(tmp_path, monkeypatch):
+    """With run.tensorboard=false nothing takes the step scalars: the loss is not read back for them."""
+    from alexnet.train.loop import Loop
+    from conftest import TINY, write_tree
+
+    def refuse(self, totals):
+        raise AssertionError("step scalars computed without TensorBoard")
+
+    monkeypatch.setattr(Loop, "_log_step", refuse)
+    data = write_tree(tmp_path / "data", train=5, val=2)
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY, "--batch-size", "5"]
+    assert main([*args, "--set", "run.log_every_steps=1", "--set", "run.tensorboard=false"]) == 0

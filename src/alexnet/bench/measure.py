@@ -182,6 +182,15 @@ class Windows:
         }
 
 
+def from_windows(
+    name: str, w: Windows, flops: float | None = None, peak: tuple = (None, None, None), **extra: Any
+) -> Measurement:
+    """A figure from its windows: the median images/s, all the windows' seconds and images;
+    ``peak`` is (dtype, peak FLOP/s, its source)."""
+    dtype, peak_flops, source = peak
+    return Measurement(name, w.median, w.seconds, w.images, flops, dtype, peak_flops, source, {**w.as_dict(), **extra})
+
+
 def window_steps(seconds_per_step: float, min_steps: int, min_seconds: float, max_steps: int = 100_000) -> int:
     """Steps per window: at least ``min_steps``, and enough to last ``min_seconds`` at the measured pace."""
     if min_seconds <= 0 or seconds_per_step <= 0:
@@ -231,7 +240,7 @@ def interleaved(
     return out
 
 
-def min_window(bc: BenchConfig, device: torch.device) -> float:
+def min_window(bc: BenchConfig) -> float:
     """The shortest window: ``bc.min_window_s``, else 2 s (a window of a few CPU steps, or of
     a few hundred GPU steps, is shorter than the noise it should average over)."""
     if bc.min_window_s is not None:

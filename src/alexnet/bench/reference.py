@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from alexnet.bench.flops import device_peak, fp32_kind, step_flops
-from alexnet.bench.measure import Arm, BenchConfig, Measurement, Windows, endless
+from alexnet.bench.measure import Arm, BenchConfig, Measurement, Windows, endless, from_windows
 from alexnet.data.loader import die_with_parent_init
 from alexnet.errors import AlexNetError
 
@@ -83,9 +83,9 @@ class Reference:
     close: Callable[[], None]
 
     def measurement(self, name: str, windows: Windows, with_flops: bool) -> Measurement:
-        flops = (self.flops_per_image, self.kind, self.peak, self.peak_source) if with_flops else (None,) * 4
-        n = windows.images
-        return Measurement(name, windows.median, windows.seconds, n, *flops, windows.as_dict())  # type: ignore[arg-type]
+        if not with_flops:
+            return from_windows(name, windows)
+        return from_windows(name, windows, self.flops_per_image, (self.kind, self.peak, self.peak_source))
 
 
 def reference_arms(root: Path, classes: int, bc: BenchConfig, workers: int, device: torch.device) -> Reference:

@@ -15,25 +15,28 @@ import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from alexnet.bench.flops import device_peak, fp32_kind, step_flops
-from alexnet.bench.measure import Arm, BenchConfig, Measurement, Windows, cycle, interleaved, min_window
+from alexnet.bench.measure import Arm, BenchConfig, Measurement, Windows, cycle, from_windows, interleaved, min_window
 from alexnet.bench.reference import reference_arms
 from alexnet.bench.report import pct, summarise
 from alexnet.data.augment import make_preprocess, train_batch
 from alexnet.data.benchimages import make_bench_images
 from alexnet.data.loader import EpochBatchSampler, resolve_workers
 from alexnet.data.store import VERSION as STORE_VERSION
-from alexnet.data.store import StoreLoader, is_store, open_store
+from alexnet.data.store import Store, StoreLoader, is_store, open_store
 from alexnet.errors import AlexNetError
 from alexnet.files import cache_dir
 from alexnet.models.alexnet import build_model, count_parameters, model_config
 from alexnet.runtime import resolve_device
 from alexnet.train.optim import PaperSGD, param_groups
 from alexnet.train.step import StepOptions, TrainStep, resolve_options
+
+if TYPE_CHECKING:
+    from alexnet.data.prepare import PrepareReport
 
 log = logging.getLogger("alexnet")
 
@@ -55,15 +58,6 @@ def _step_arm(step: TrainStep, bc: BenchConfig, batch: int, classes: int, device
     return Arm(lambda: step.model_step(x, y), batch), step_flops(step.model, x, y) / batch
 
 
-def _measurement(
-    label: str, w: Windows, flops: float | None = None, peak: tuple = (None, None, None), **extra: Any
-) -> Measurement:
-    """A figure from its windows: the median images/s, all the windows' seconds and images."""
-    dtype, peak_flops, source = peak
-    n = w.images
-    return Measurement(label, w.median, w.seconds, n, flops, dtype, peak_flops, source, {**w.as_dict(), **extra})
-
-
 def _peak(options: StepOptions, device: torch.device, override: float | None) -> tuple[str, float | None, str | None]:
     peak, source = device_peak(device, options.amp if options.amp != "off" else fp32_kind(device), override)
     return options.amp, peak, source
@@ -75,8 +69,8 @@ def measure_model_step(
 ) -> Measurement:  # fmt: skip
     """The model step alone (:func:`_step_arm`), its median over ``bc.repeats`` windows, FLOPs and MFU."""
     arm, flops = _step_arm(step, bc, batch, classes, device)
-    w = interleaved({label: arm}, bc.steps, bc.warmup, bc.repeats, device, min_window(bc, device))[label]
-    return _measurement(
+    w = interleaved({label: arm}, bc.steps, bc.warmup, bc.repeats, device, min_window(bc))[label]
+    return from_windows(
         label, w, flops, _peak(options, device, override),
         model=name, batch_size=batch, options=options.as_dict(), parameters=count_parameters(step.model),
     )  # fmt: skip
@@ -138,6 +132,17 @@ def _drop_stale_cache(store_path: Path) -> None:
             shutil.rmtree(store_path)
 
 
+def _prepared_store(bc: BenchConfig, root: Path, workers: int) -> tuple[Path, PrepareReport, Store]:
+    """(path, prepare's report, the open store) of bc.store, or of the cached store beside ``root``."""
+    from alexnet.data.prepare import prepare
+
+    store_path = Path(bc.store) if bc.store else root.with_name(root.name + f".store{bc.image_size}")
+    if not bc.store:
+        _drop_stale_cache(store_path)
+    report = prepare(root, store_path, image_size=bc.image_size, workers=workers, progress=bc.progress)
+    return store_path, report, open_store(store_path, bc.image_size)
+
+
 def _variants(
     bc: BenchConfig, options: StepOptions, classes: int, pre: Any, device: torch.device
 ) -> dict[str, Measurement]:
@@ -163,7 +168,7 @@ def _variants(
 
 def _paired(bc: BenchConfig, device: torch.device, arms: dict[str, Arm]) -> dict[str, Windows]:
     """Ours and the reference's arm, window by window in turn."""
-    return interleaved(arms, bc.steps, bc.warmup, bc.repeats, device, min_window(bc, device))
+    return interleaved(arms, bc.steps, bc.warmup, bc.repeats, device, min_window(bc))
 
 
 def run_bench(bc: BenchConfig, on_part: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -174,14 +179,7 @@ def run_bench(bc: BenchConfig, on_part: Callable[[dict[str, Any]], None] | None 
     device = resolve_device(bc.device)
     workers = resolve_workers(bc.workers)
     root = _source_images(bc, workers)
-    store_path = Path(bc.store) if bc.store else root.with_name(root.name + f".store{bc.image_size}")
-
-    from alexnet.data.prepare import prepare
-
-    if not bc.store:
-        _drop_stale_cache(store_path)
-    report = prepare(root, store_path, image_size=bc.image_size, workers=workers, progress=bc.progress)
-    store = open_store(store_path, bc.image_size)
+    store_path, report, store = _prepared_store(bc, root, workers)
     split, classes = store.split("train"), len(store.classes)
     if len(split) < bc.batch_size:
         raise AlexNetError(f"the store has {len(split)} training images, fewer than one batch of {bc.batch_size}")
@@ -208,7 +206,7 @@ def run_bench(bc: BenchConfig, on_part: Callable[[dict[str, Any]], None] | None 
         data_arm, ours_batches = _ours_data_arm(split, pre, bc, device)
         w = _paired(bc, device, {"ours": data_arm, **({"reference": ref.data} if ref else {})})
         ours_batches.close()
-        results["ours_data"] = _measurement("ours: data", w["ours"])
+        results["ours_data"] = from_windows("ours: data", w["ours"])
         if ref:
             results["reference_data"] = ref.measurement("reference: data", w["reference"], False)
         part_done()
@@ -222,7 +220,7 @@ def run_bench(bc: BenchConfig, on_part: Callable[[dict[str, Any]], None] | None 
             arm, flops = _step_arm(step, bc, batch_size, classes, device)
             paired = ref is not None and batch_size == bc.batch_size
             w = _paired(bc, device, {"ours": arm, **({"reference": ref.step} if paired else {})})
-            by_batch.append(_measurement("ours: step", w["ours"], flops, peak, batch_size=batch_size, **extra))
+            by_batch.append(from_windows("ours: step", w["ours"], flops, peak, batch_size=batch_size, **extra))
             if paired:
                 results["reference_step"] = ref.measurement("reference: step", w["reference"], True)
                 results["reference_step"].extra["model"] = "torchvision.models.alexnet"
@@ -238,7 +236,7 @@ def run_bench(bc: BenchConfig, on_part: Callable[[dict[str, Any]], None] | None 
         w = _paired(bc, device, {"ours": e2e_arm, **({"reference": ref.end_to_end} if ref else {})})
         ours_batches.close()
         like = results["ours_step"]
-        results["ours_end_to_end"] = _measurement("ours: end to end", w["ours"], like.flops_per_image, peak)
+        results["ours_end_to_end"] = from_windows("ours: end to end", w["ours"], like.flops_per_image, peak)
         if ref:
             results["reference_end_to_end"] = ref.measurement("reference: end to end", w["reference"], True)
         part_done()

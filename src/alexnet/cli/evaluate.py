@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -76,10 +75,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name, r in results.items():
         print(f"{name:14s}{100 * r['top1_error']:9.2f}%{100 * r['top5_error']:9.2f}%")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"checkpoints": args.checkpoints, "data": str(folder), "split": args.split, **results},
-                indent=2,
-            )
+        from alexnet.files import write_json
+
+        write_json(
+            Path(args.json),
+            {"checkpoints": args.checkpoints, "data": str(folder), "split": args.split, **results},
+            indent=2,
         )
     return 0

@@ -21,6 +21,45 @@ def register(sub: Any) -> None:
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
     pr.set_defaults(handler=cmd_predict)
 
+    _add_import_weights(sub)
+
+    f = sub.add_parser("features", help="fc7 (4096-d) vectors for every image under a folder, as an .npz index")
+    f.add_argument("checkpoint", metavar="CHECKPOINT")
+    f.add_argument("folder", metavar="FOLDER", help="images, searched recursively")
+    f.add_argument("--out", required=True, help="the .npz index to write")
+    add_runtime(f)
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(handler=cmd_features)
+
+    r = sub.add_parser("retrieve", help="nearest index images in fc7 space (the paper's Figure 4), drawn as a grid")
+    r.add_argument("checkpoint", metavar="CHECKPOINT")
+    r.add_argument("queries", nargs="+", metavar="QUERY", help="query images")
+    r.add_argument("--index", required=True, help="an .npz from 'alexnet features' with the same checkpoint")
+    r.add_argument("--k", type=int, default=6, help="neighbours per query (the paper shows 6)")
+    r.add_argument("--out", help="PNG grid to write: one row per query, nearest first")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--json", action="store_true", help="print JSON instead of text")
+    r.set_defaults(handler=cmd_retrieve)
+
+    _add_visualize(sub)
+
+    x = sub.add_parser("export", help="ONNX, TorchScript or safetensors, checked against PyTorch")
+    x.add_argument("checkpoint", metavar="CHECKPOINT")
+    x.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
+    x.add_argument("--out", required=True, help="file to write (.onnx, .pt, .safetensors)")
+    x.add_argument("--tolerance", type=float, default=1e-4, help="allowed max |diff| per unit of the largest logit")
+    x.set_defaults(handler=cmd_export)
+
+    sv = sub.add_parser("serve", help="HTTP service: JSON POST /predict and an upload page at /")
+    sv.add_argument("checkpoint", metavar="CHECKPOINT")
+    sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413")
+    sv.set_defaults(handler=cmd_serve)
+
+
+def _add_import_weights(sub: Any) -> None:
     w = sub.add_parser("import-weights", help="turn torchvision or Caffe AlexNet weights into an alexnet checkpoint")
     w.add_argument(
         "source",
@@ -45,24 +84,8 @@ def register(sub: Any) -> None:
     )
     w.set_defaults(handler=cmd_import_weights)
 
-    f = sub.add_parser("features", help="fc7 (4096-d) vectors for every image under a folder, as an .npz index")
-    f.add_argument("checkpoint", metavar="CHECKPOINT")
-    f.add_argument("folder", metavar="FOLDER", help="images, searched recursively")
-    f.add_argument("--out", required=True, help="the .npz index to write")
-    add_runtime(f)
-    f.add_argument("--no-progress", action="store_true")
-    f.set_defaults(handler=cmd_features)
 
-    r = sub.add_parser("retrieve", help="nearest index images in fc7 space (the paper's Figure 4), drawn as a grid")
-    r.add_argument("checkpoint", metavar="CHECKPOINT")
-    r.add_argument("queries", nargs="+", metavar="QUERY", help="query images")
-    r.add_argument("--index", required=True, help="an .npz from 'alexnet features' with the same checkpoint")
-    r.add_argument("--k", type=int, default=6, help="neighbours per query (the paper shows 6)")
-    r.add_argument("--out", help="PNG grid to write: one row per query, nearest first")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--json", action="store_true", help="print JSON instead of text")
-    r.set_defaults(handler=cmd_retrieve)
-
+def _add_visualize(sub: Any) -> None:
     v = sub.add_parser("visualize", help="the paper's figures: conv1 kernels, top-5 predictions; training curves")
     vsub = v.add_subparsers(dest="figure", required=True)
     vf = vsub.add_parser("filters", help="conv1 kernels as an image grid (Figure 3)")
@@ -80,21 +103,6 @@ def register(sub: Any) -> None:
     vc.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or metrics.jsonl files)")
     vc.add_argument("--out", required=True, help="PNG to write")
     v.set_defaults(handler=cmd_visualize)
-
-    x = sub.add_parser("export", help="ONNX, TorchScript or safetensors, checked against PyTorch")
-    x.add_argument("checkpoint", metavar="CHECKPOINT")
-    x.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
-    x.add_argument("--out", required=True, help="file to write (.onnx, .pt, .safetensors)")
-    x.add_argument("--tolerance", type=float, default=1e-4, help="allowed max |diff| per unit of the largest logit")
-    x.set_defaults(handler=cmd_export)
-
-    sv = sub.add_parser("serve", help="HTTP service: JSON POST /predict and an upload page at /")
-    sv.add_argument("checkpoint", metavar="CHECKPOINT")
-    sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--device", default="cpu")
-    sv.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads get 413")
-    sv.set_defaults(handler=cmd_serve)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

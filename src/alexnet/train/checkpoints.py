@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from alexnet.checkpoint import load_checkpoint, save_checkpoint, write_error
 from alexnet.errors import AlexNetError
@@ -125,17 +126,12 @@ def link_or_copy(source: Path, target: Path) -> None:
             os.link(source, tmp)
         except OSError:
             with open(source, "rb") as src:
-                atomic_write(target, lambda f: _copy(src, f))
+                atomic_write(target, lambda f: shutil.copyfileobj(src, f, 1 << 24))
             return
         rename_into_place(tmp, target)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise write_error(target, e) from None
-
-
-def _copy(src: BinaryIO, dst: Any) -> None:
-    while chunk := src.read(1 << 24):
-        dst.write(chunk)
 
 
 def history(run_dir: Path) -> list[tuple[int, Path]]:

@@ -90,7 +90,7 @@ class Loop:
         # The first step whose loss was not finite, or -1; kept on the device and read
         # only every SYNC_EVERY steps, at checkpoints and at epoch ends.
         self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=parts.device)
-        self.run_log: RunLog | None = None  # rank 0's, for the per-step scalars
+        self.run_log: RunLog | None = None  # rank 0's (Feeds.run_log): the step scalars and epoch rows
         self.window = (0.0, 0, 0.0)  # (loss sum, images, time.perf_counter()) at the last step scalars
 
     def run(self, start_epoch: int, totals: EpochTotals | None, feeds: Feeds) -> None:
@@ -103,7 +103,7 @@ class Loop:
                 totals = EpochTotals.zeros(self.parts.device)
             feeds.train_sampler.set_epoch(epoch, totals.batches)
             self.train_epoch(feeds.train_loader, epoch, totals, feeds.train_sampler.global_batches())
-            self.end_epoch(epoch, totals, feeds.val_loader, feeds.run_log)
+            self.end_epoch(epoch, totals, feeds.val_loader)
             totals = None
             if self.stop.requested and epoch + 1 < cfg.optim.epochs:
                 raise self.stopped(epoch + 1, 0)
@@ -119,7 +119,8 @@ class Loop:
         p.model.train()
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=not p.progress, leave=False)
-        log_every = p.cfg.run.log_every_steps if self.run_log is not None else 0
+        # Step scalars only where TensorBoard takes them: computing them reads the loss back.
+        log_every = p.cfg.run.log_every_steps if self.run_log is not None and self.run_log.writer is not None else 0
         self.window = (float(totals.loss_sum.item()) if log_every else 0.0, totals.seen, start)
         for batch in bar:
             totals.batches += 1
@@ -244,7 +245,7 @@ class Loop:
 
     # -- ending an epoch ---------------------------------------------------------------
 
-    def end_epoch(self, epoch: int, totals: EpochTotals, val_loader: Any, run_log: RunLog | None) -> None:
+    def end_epoch(self, epoch: int, totals: EpochTotals, val_loader: Any) -> None:
         """Validate, step the schedule, append the metrics row and checkpoint."""
         p = self.parts
         totals = self.global_totals(totals)
@@ -272,8 +273,8 @@ class Loop:
         # The row goes out before the checkpoint: a crash in between leaves a row for an
         # epoch the checkpoint has not got, which resume drops and redoes. The other
         # order would lose the row for good.
-        if run_log is not None:
-            run_log.epoch(row)
+        if self.run_log is not None:
+            self.run_log.epoch(row)
         improved = val.top1_error < self.best
         self.best = min(self.best, val.top1_error)
         checkpoints.save(self, epoch + 1, None, metrics=row, best=improved)

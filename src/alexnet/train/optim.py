@@ -71,27 +71,17 @@ def param_groups(
     head (``model.get_classifier()``, fc8) gets that learning rate; the head's groups come
     first and keep the optimizer's, which metrics.jsonl reports as ``lr``.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if backbone_lr is None:
-        parts = [({}, named)]
-    else:
-        head = {id(p) for p in model.get_classifier().parameters()}
-        parts = [
-            ({}, [(n, p) for n, p in named if id(p) in head]),
-            ({"lr": backbone_lr}, [(n, p) for n, p in named if id(p) not in head]),
-        ]
-    groups = []
-    for extra, members in parts:
-        if decay_biases:
-            groups.append({"params": [p for _, p in members], "weight_decay": weight_decay, **extra})
-            continue
-        weights = [p for n, p in members if not n.endswith("bias")]
-        biases = [p for n, p in members if n.endswith("bias")]
-        groups += [
-            {"params": weights, "weight_decay": weight_decay, **extra},
-            {"params": biases, "weight_decay": 0.0, **extra},
-        ]
-    return [g for g in groups if g["params"]]  # a group that freezing emptied is left out
+    head = {id(p) for p in model.get_classifier().parameters()} if backbone_lr is not None else None
+    # (in the backbone, an exempt bias) -> parameters; a group that freezing emptied never appears
+    members: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = (head is not None and id(p) not in head, not decay_biases and name.endswith("bias"))
+            members.setdefault(key, []).append(p)
+    return [
+        {"params": params, "weight_decay": 0.0 if bias else weight_decay, **({"lr": backbone_lr} if backbone else {})}
+        for (backbone, bias), params in sorted(members.items(), key=lambda item: item[0])  # head first, weights first
+    ]
 
 
 def plateau_schedule(optimizer: torch.optim.Optimizer, cfg: config_lib.OptimConfig) -> ReduceLROnPlateau:
