@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image, features
 
 from alexnet.data import images as images_mod
+from alexnet.data.chunks import sum_images
 from alexnet.data.images import (
     BadImage,
     ImageFolderDataset,
@@ -25,6 +26,7 @@ from alexnet.data.images import (
     find_splits,
     load_image,
     scan_image_folder,
+    square_image,
 )
 from alexnet.data.loader import Batch, EpochBatchSampler, collate, make_loader
 from alexnet.data.stats import DataStats, StatsAccumulator, compute_stats
@@ -311,6 +313,55 @@ def test_load_image_upscales_small_images(tmp_path: Path) -> None:
 def test_load_image_same_size_png_is_exact(tmp_path: Path) -> None:
     a = _noise(1, 16, 16)
     assert np.array_equal(load_image(_png(tmp_path / "x.png", Image.fromarray(a)), 16), a)
+
+
+@pytest.mark.parametrize(
+    "mode, options",
+    [("RGB", {"subsampling": 2}), ("RGB", {"subsampling": 0}), ("RGB", {"progressive": True}), ("L", {})],
+    ids=["ycbcr-420", "ycbcr-444", "progressive", "grey"],
+)
+def test_load_image_libjpeg_turbo_path_equals_pil_decoding(tmp_path: Path, mode: str, options: dict) -> None:
+    # JPEGs libjpeg-turbo decodes through torchvision must give the pixels of PIL's decoder
+    # (square_image on the PIL image), and stay within 1 of PIL's own antialiased resize.
+    p = tmp_path / "x.jpg"
+    a = _noise(4, 45, 60) if mode == "RGB" else _noise(4, 45, 60)[..., 0]
+    Image.fromarray(a).convert(mode).save(p, "JPEG", quality=90, **options)
+    out = load_image(p, 32)
+    with Image.open(p) as img:
+        assert np.array_equal(out, square_image(img, 32))
+        pil = np.asarray(img.convert("RGB").resize((43, 32), Image.BILINEAR, reducing_gap=None))[:, 5:37]
+    assert np.abs(out.astype(int) - pil.astype(int)).max() <= 1
+
+
+def test_load_image_drafted_jpeg_is_decoded_by_pil_at_reduced_scale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 130x66 for size 32: draft decodes at 1/2 (65x33), which torchvision cannot, so
+    # torchvision is not asked; the result stays close to a full decode of the smooth image.
+    a = np.zeros((66, 130, 3), np.uint8)
+    a[..., 0] = (np.arange(130) * 1.9).astype(np.uint8)[None, :]
+    a[..., 1] = (np.arange(66) * 3.8).astype(np.uint8)[:, None]
+    p = tmp_path / "big.jpg"
+    Image.fromarray(a).save(p, "JPEG", quality=95)
+    monkeypatch.setattr(images_mod, "_turbo_decode", lambda img, data: pytest.fail("torchvision asked"))
+    out = load_image(p, 32)
+    with Image.open(p) as img:
+        full = square_image(img, 32)
+    assert out.shape == (32, 32, 3)
+    assert np.abs(out.astype(int) - full.astype(int)).mean() < 1.5
+
+
+def test_sum_images_is_exact_at_the_integer_limits() -> None:
+    # 130 saturated images cross the 64-image block (uint16 per-pixel sums: 64 * 255 fits)
+    # and the uint16 channel products (255^2 = 65,025 fits); the reference is Python ints.
+    images = np.full((130, 8, 8, 3), 255, np.uint8)
+    images[7] = _noise(5, 8, 8)
+    image_sum, rgb, outer, n = sum_images(images, 8)
+    flat = images.reshape(-1, 3).astype(np.int64)
+    assert n == 130 and image_sum.dtype == np.uint64
+    assert np.array_equal(image_sum, images.astype(np.int64).sum(0))
+    assert rgb == flat.sum(0).tolist()
+    assert outer == (flat.T @ flat).tolist()
 
 
 # --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ the reason, which the loader turns into a skipped file instead of an error.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import warnings
@@ -22,6 +23,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
@@ -34,6 +36,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 # Refuse decompression bombs outright (PIL only warns between 89M and 179M pixels).
 # The largest ILSVRC-2012 training image is about 20M pixels.
 MAX_IMAGE_PIXELS = 64_000_000
+
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 class BadImage(Exception):
@@ -247,13 +251,42 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def square_image(img: Image.Image, size: int) -> np.ndarray:
     """An open image as RGB, its shorter side rescaled to ``size``, the central square: (size, size, 3) uint8."""
-    img = _to_rgb(img)
-    w, h = img.size
+    return _square(torch.from_numpy(np.array(_to_rgb(img), dtype=np.uint8)).permute(2, 0, 1), size)
+
+
+def _square(pixels: torch.Tensor, size: int) -> np.ndarray:
+    """(3, H, W) uint8 -> (size, size, 3) uint8: shorter side to ``size``, antialiased bilinear, central square.
+
+    torch's uint8 antialiased bilinear (a vectorised kernel on AVX2 CPUs) is 3.1x faster
+    than PIL's resize on a 500x375 image (0.33 against 1.05 ms, one thread, AMX Xeon) and
+    differs from it by at most 1 in about 0.2% of values: store format 3 (store.py).
+    """
+    h, w = pixels.shape[-2:]
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+    if (nh, nw) != (h, w):
+        pixels = F.interpolate(pixels[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
     left, top = (nw - size) // 2, (nh - size) // 2
-    return np.array(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return pixels[:, top : top + size, left : left + size].permute(1, 2, 0).contiguous().numpy()
+
+
+def _turbo_decode(img: Image.Image, data: bytes) -> torch.Tensor | None:
+    """The JPEG ``data`` decoded by torchvision (libjpeg-turbo, as PIL, with identical pixels), or None.
+
+    Only for what the two decode alike: a baseline or progressive YCbCr or greyscale JPEG
+    that draft mode did not shrink and with no EXIF rotation. 1.2x faster to decode than
+    PIL on the 500x375 bench JPEGs (1.06 against 1.25 ms), mostly PIL's per-image set-up
+    and copies. Anything else, and a file torchvision refuses (truncated), goes to PIL,
+    whose error messages are the readable ones.
+    """
+    if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.getexif().get(_ORIENTATION, 1) != 1:
+        return None
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None
 
 
 def load_image(path: str | Path | BinaryIO, size: int) -> np.ndarray:
@@ -272,12 +305,17 @@ def load_image(path: str | Path | BinaryIO, size: int) -> np.ndarray:
             # data larger than file"): one line per file on stderr, from every worker,
             # would bury the log of a run over millions of files.
             warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
-            with Image.open(path) as img:
+            data = path.read() if hasattr(path, "read") else Path(path).read_bytes()
+            with Image.open(io.BytesIO(data)) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise ImageTooLarge(f"{img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
                 # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when that still
                 # leaves the shorter side >= size: several times faster on ImageNet.
+                full = img.size
                 img.draft("RGB", (size, size))
+                pixels = _turbo_decode(img, data) if img.size == full else None
+                if pixels is not None:
+                    return _square(pixels, size)
                 return square_image(ImageOps.exif_transpose(img), size)
     except BadImage:
         raise
@@ -285,7 +323,11 @@ def load_image(path: str | Path | BinaryIO, size: int) -> np.ndarray:
         raise ImageTooLarge(f"refused as a decompression bomb: {e}") from None
     except FileNotFoundError:
         raise BadImage("file vanished") from None
-    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as e:
+    except Image.UnidentifiedImageError:
+        # PIL's message names the in-memory file object ("<_io.BytesIO object at 0x...>"),
+        # which differs on every read and says nothing; the caller names the file.
+        raise BadImage("cannot identify image file: not in a format PIL reads") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise BadImage(str(e) or type(e).__name__) from None
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from alexnet.data import jpegstore, store
 from alexnet.data.chunks import ChunkTask, chunk_sums, plan_chunks, write_chunk
@@ -114,6 +115,13 @@ def _read_progress(path: Path, params: dict[str, Any]) -> dict[tuple[str, int], 
     return done
 
 
+def _worker_init(parent_pid: int) -> None:
+    """A preparing process: dies with its parent, and one thread for torch's resize (the
+    workers already fill the cores; threads per worker would only contend)."""
+    die_with_parent(parent_pid)
+    torch.set_num_threads(1)
+
+
 def _map(fn: Any, tasks: list[Any], workers: int) -> Iterator[Any]:
     """Results of fn over tasks as they finish: a process pool, or in this process with workers=0."""
     if workers == 0:
@@ -121,7 +129,7 @@ def _map(fn: Any, tasks: list[Any], workers: int) -> Iterator[Any]:
         return
     # Forked from the main thread; each worker dies with this process (it would otherwise
     # outlive a kill -9, holding the store's lock it inherited).
-    pool = ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(os.getpid(),))
     try:
         futures: list[Future] = [pool.submit(fn, t) for t in tasks]
         for future in as_completed(futures):
