@@ -254,6 +254,12 @@ def square_image(img: Image.Image, size: int) -> np.ndarray:
     return _square(torch.from_numpy(np.array(_to_rgb(img), dtype=np.uint8)).permute(2, 0, 1), size)
 
 
+def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """(height, width) with the shorter side ``size`` and the longer rounded, never below ``size``."""
+    scale = size / min(w, h)
+    return max(size, round(h * scale)), max(size, round(w * scale))
+
+
 def _square(pixels: torch.Tensor, size: int) -> np.ndarray:
     """(3, H, W) uint8 -> (size, size, 3) uint8: shorter side to ``size``, antialiased bilinear, central square.
 
@@ -262,8 +268,7 @@ def _square(pixels: torch.Tensor, size: int) -> np.ndarray:
     differs from it by at most 1 in about 0.2% of values: store format 3 (store.py).
     """
     h, w = pixels.shape[-2:]
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    nh, nw = resized_shape(h, w, size)
     if (nh, nw) != (h, w):
         pixels = F.interpolate(pixels[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
     left, top = (nw - size) // 2, (nh - size) // 2

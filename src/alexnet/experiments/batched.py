@@ -134,10 +134,11 @@ class BatchedStep:
         template = _template(models[0], self.queue)
         params, buffers = stack_module_state(list(models))
         self.channels_last = device.type == "cpu"
-        self.params = {n: p.detach().to(device) for n, p in params.items()}
-        if self.channels_last:
-            self.params = {n: _channels_last(p, weights=True) for n, p in self.params.items()}
-        self.params = {n: p.requires_grad_(True) for n, p in self.params.items()}
+        placed = {n: p.detach().to(device) for n, p in params.items()}
+        self.params = {
+            n: (_channels_last(p, weights=True) if self.channels_last else p).requires_grad_(True)
+            for n, p in placed.items()
+        }
         self.buffers = {n: b.to(device) for n, b in buffers.items()}
         self.optimizer = PaperSGD(_groups(self.params, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum)
         queue = self.queue

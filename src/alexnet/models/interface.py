@@ -29,7 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from alexnet.data.augment import IMAGENET_MEAN, IMAGENET_STD, Preprocess, eval_patches
-from alexnet.data.images import square_image
+from alexnet.data.images import resized_shape, square_image
 from alexnet.errors import AlexNetError
 
 
@@ -75,11 +75,10 @@ class ImageTransform:
 
 
 def _square(pixels: Tensor, size: int) -> Tensor:
-    """(B, 3, H, W) float 0-255 -> (B, 3, size, size): shorter side to size (rounded as
-    square_image rounds), antialiased bilinear, then the central square."""
+    """(B, 3, H, W) float 0-255 -> (B, 3, size, size): shorter side to size (images.resized_shape,
+    as square_image), antialiased bilinear, then the central square."""
     h, w = pixels.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    nh, nw = resized_shape(h, w, size)
     if (nh, nw) != (h, w):
         pixels = F.interpolate(pixels, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (nh - size) // 2, (nw - size) // 2
