@@ -178,3 +178,49 @@ def test_the_compiled_batched_step_matches_the_eager_one(caplog: pytest.LogCaptu
         assert [r["train_error"] for r in ra.rows] == [r["train_error"] for r in rb.rows]
         for x, y in zip(ra.rows, rb.rows):
             assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
+
+
+def _runs_channels_last(k: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """K runs' (B, C, H, W) inputs in BatchedStep's CPU layout, (B, H, W, K, C) in memory."""
+    from alexnet.experiments.batched import _channels_last
+
+    x = torch.randn(k, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    return _channels_last(x, weights=False).requires_grad_(True)
+
+
+def _vmap_against_loop(fn: Any, x: torch.Tensor) -> None:
+    """fn under vmap over the runs equals fn run by run: values, gradients, and without grad.
+    To float64 rounding: the folded band convolution (K x C channels) sums in another order
+    than a run's own; a window crossing runs would be off by ~0.1, not 1e-16."""
+    tol = {"rtol": 1e-12, "atol": 1e-14}
+    got = torch.func.vmap(fn)(x)
+    want = torch.stack([fn(x[k]) for k in range(x.shape[0])])
+    torch.testing.assert_close(got, want, **tol)
+    g = torch.randn_like(want)
+    (got_grad,) = torch.autograd.grad(got, x, g)
+    (want_grad,) = torch.autograd.grad(want, x, g)
+    torch.testing.assert_close(got_grad, want_grad, **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.vmap(fn)(x), want.detach(), **tol)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_vmap_rule_folds_runs_into_towers_without_crossing_them(groups: int) -> None:
+    # The fold puts run k's channels next to run k+1's: a window that crossed a run's edge
+    # would differ from the run alone at its first and last two channels.
+    from alexnet.models.lrn import LocalResponseNorm
+
+    lrn = LocalResponseNorm("paper", groups=groups)
+    lrn.alpha = 0.5  # large, so every neighbour's square visibly moves the result
+    _vmap_against_loop(lrn, _runs_channels_last(3, (4, 8, 5, 5)))
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_folded_max_pool_equals_the_pool_of_each_run(ceil_mode: bool) -> None:
+    from alexnet.experiments.batched import _FoldedMaxPool
+
+    pool = nn.MaxPool2d(3, stride=2, ceil_mode=ceil_mode)
+    folded = _FoldedMaxPool(pool)
+    x = _runs_channels_last(3, (4, 6, 12, 12))
+    _vmap_against_loop(folded, x)
+    torch.testing.assert_close(torch.func.vmap(folded)(x), torch.func.vmap(pool)(x), rtol=0, atol=0)

@@ -47,7 +47,7 @@ CHECKS = textwrap.dedent(
             np.testing.assert_allclose(y.double().numpy(), numpy_lrn(a.numpy(), *args), rtol=1e-5)
             g = torch.randn_like(a)
             x = a.clone().requires_grad_()
-            (want,) = torch.autograd.grad(L._LRNFunction.apply(x, *args), x, g)
+            (want,) = torch.autograd.grad(L.lrn_function(x, *args), x, g)
             got = T.lrn_backward(g.float(), a.float().contiguous(memory_format=layout), s, *args[:4])
             assert got.is_contiguous(memory_format=layout)
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
@@ -62,7 +62,7 @@ CHECKS = textwrap.dedent(
     np.testing.assert_allclose(y.double().numpy(), numpy_lrn(a.numpy(), 2, 4, 0.3, 0.75, 2.0), rtol=1e-5)
     g = torch.randn_like(a)
     x = a.clone().requires_grad_()
-    (want,) = torch.autograd.grad(L._LRNFunction.apply(x, 2, 4, 0.3, 0.75, 2.0), x, g)
+    (want,) = torch.autograd.grad(L.lrn_function(x, 2, 4, 0.3, 0.75, 2.0), x, g)
     torch.testing.assert_close(T.lrn_backward(g.float(), a.float(), s, 2, 4, 0.3, 0.75).double(), want, rtol=1e-4, atol=1e-6)
     # The custom op (the CUDA path's entry) differentiates through the backward kernel.
     x = a.float().requires_grad_()

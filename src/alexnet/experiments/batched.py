@@ -74,6 +74,54 @@ class _GivenMask(nn.Module):
         return x * self.queue.pop(0)
 
 
+class _RunsMaxPool(torch.autograd.Function):
+    """Max pooling whose vmap rule folds the K runs into the channels, (B, K x C, H, W).
+
+    vmap's own rule folds them into the batch, (K x B, C, H, W): with the runs'
+    channels_last layout (B, H, W, K, C) that is a copy in and a copy out of every pooling
+    (and its backward), 4x the pooling's own time on the 2-core AMD EPYC. Pooling is per
+    channel, so folding into the channels is a view and gives the same numbers."""
+
+    @staticmethod
+    def forward(x: Tensor, pool: tuple) -> tuple[Tensor, Tensor]:
+        return torch.ops.aten.max_pool2d_with_indices(x, *pool)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.pool = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor, _: Tensor | None) -> tuple[Tensor, None]:
+        x, indices = ctx.saved_tensors
+        return torch.ops.aten.max_pool2d_with_indices_backward(g, x, *ctx.pool, indices), None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, pool: tuple) -> Any:
+        runs = x.movedim(in_dims[0], 1)  # (B, K, C, H, W)
+        out, indices = _RunsMaxPool.apply(runs.flatten(1, 2), pool)
+        return (out.unflatten(1, runs.shape[1:3]), indices.unflatten(1, runs.shape[1:3])), (1, 1)
+
+
+class _FoldedMaxPool(nn.Module):
+    """nn.MaxPool2d through :class:`_RunsMaxPool` (the template's pooling on the CPU)."""
+
+    def __init__(self, m: nn.MaxPool2d) -> None:
+        super().__init__()
+        pair = torch.nn.modules.utils._pair
+        self.pool = (
+            pair(m.kernel_size),
+            pair(m.stride or m.kernel_size),
+            pair(m.padding),
+            pair(m.dilation),
+            m.ceil_mode,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _RunsMaxPool.apply(x, self.pool)[0]
+
+
 def _dropout_style(module: nn.Module) -> str | None:
     """ "inverted" for nn.Dropout, the module's style for the paper net's Dropout, else None."""
     if isinstance(module, nn.Dropout):
@@ -105,14 +153,17 @@ def _dropout_specs(model: nn.Module, sample: Tensor) -> list[tuple[tuple[int, ..
     return calls
 
 
-def _template(model: nn.Module, queue: list[Tensor]) -> nn.Module:
-    """A parameterless copy of ``model`` (meta device) whose dropouts read the queue."""
+def _template(model: nn.Module, queue: list[Tensor], fold_pools: bool) -> nn.Module:
+    """A parameterless copy of ``model`` (meta device) whose dropouts read the queue and, with
+    ``fold_pools`` (the runs laid out channels_last), whose max-poolings fold runs into channels."""
     t = copy.deepcopy(model).to("meta").train()
     for parent in list(t.modules()):
         for name, child in list(parent.named_children()):
             style = _dropout_style(child)
             if style is not None:
                 setattr(parent, name, _GivenMask(child.p, queue, style))  # type: ignore[arg-type]
+            elif fold_pools and type(child) is nn.MaxPool2d and not child.return_indices:
+                setattr(parent, name, _FoldedMaxPool(child))
     return t
 
 
@@ -131,9 +182,9 @@ class BatchedStep:
 
     def __init__(self, models: Sequence[nn.Module], recipe: Recipe, device: torch.device, compile_: bool) -> None:
         self.queue: list[Tensor] = []
-        template = _template(models[0], self.queue)
-        params, buffers = stack_module_state(list(models))
         self.channels_last = device.type == "cpu"
+        template = _template(models[0], self.queue, fold_pools=self.channels_last)
+        params, buffers = stack_module_state(list(models))
         placed = {n: p.detach().to(device) for n, p in params.items()}
         self.params = {
             n: (_channels_last(p, weights=True) if self.channels_last else p).requires_grad_(True)

@@ -86,6 +86,7 @@ def lrn_reference(x: Tensor, groups: int, size: int, alpha: float, beta: float, 
 
 class _LRNFunction(torch.autograd.Function):
     """LRN with a hand-written backward on (B, C, H, W); the window stays inside each of ``groups``.
+    ``apply`` returns (b, s); s is not differentiable (:func:`lrn_function` returns b alone).
 
     With s_c = k + alpha' sum_{j in W(c)} a_j^2 and b_c = a_c s_c^-beta,
     dL/da_c = g_c s_c^-beta - 2 alpha' beta a_c sum_{j: c in W(j)} g_j a_j s_j^(-beta-1),
@@ -93,19 +94,34 @@ class _LRNFunction(torch.autograd.Function):
     F.local_response_norm keeps the square, the padded copy, the 3-D average pooling and
     the power and replays each backward (1.6-1.8x slower paper-net step on the 2-core CPU,
     2026-11-24). Equal to F.local_response_norm, gradients by gradcheck (tests/models).
+
+    Under ``torch.func.vmap`` (the batched seeds of alexnet.experiments.batched) its
+    :meth:`vmap` rule folds the K runs into the channels, (B, K x C, H, W) with K x groups
+    towers, and applies the function once: no run's window reaches another's channels, and
+    with the runs' channels_last layout (B, H, W, K, C) the fold is a view, not a copy.
     """
 
     @staticmethod
-    def forward(ctx: Any, a: Tensor, groups: int, size: int, alpha: float, beta: float, k: float) -> Tensor:
-        b, s = lrn_reference(a, groups, size, alpha, beta, k)
-        ctx.save_for_backward(a, s)
+    def forward(a: Tensor, groups: int, size: int, alpha: float, beta: float, k: float) -> tuple[Tensor, Tensor]:
+        return lrn_reference(a, groups, size, alpha, beta, k)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+        a, groups, size, alpha, beta, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(a, output[1])
         ctx.groups, ctx.size, ctx.alpha, ctx.beta = groups, size, alpha, beta
-        return b
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, g: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
         a, s = ctx.saved_tensors
+        if s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous():
+            # The gradient can arrive NCHW (max-pool's backward gives it so) while a and s are
+            # channels_last: the elementwise ops would then follow g and the window's 1x1
+            # convolution run NCHW. In the batched runs' folded (B, K x C, H, W) layout that
+            # convolution took 30 ms against 4 ms channels_last (AMD EPYC, 2 cores, C = 36).
+            g = g.contiguous(memory_format=torch.channels_last)
         a32, g32 = a.to(s.dtype), g.to(s.dtype)
         p = s.pow(-ctx.beta)
         t = (g32 * a32).mul_(p).div_(s)  # g_j a_j s_j^(-beta-1)
@@ -113,17 +129,33 @@ class _LRNFunction(torch.autograd.Function):
         grad = torch.addcmul(p.mul_(g32), a32, w, value=-2 * ctx.alpha * ctx.beta)
         return grad.to(a.dtype), None, None, None, None, None
 
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, a: Tensor, groups: int, size: int, alpha: float, beta: float, k: float) -> Any:
+        runs = a.movedim(in_dims[0], 1)  # (B, K, C, H, W)
+        b, s = _LRNFunction.apply(runs.flatten(1, 2), groups * runs.shape[1], size, alpha, beta, k)
+        return (b.unflatten(1, runs.shape[1:3]), s.unflatten(1, runs.shape[1:3])), (1, 1)
+
+
+def lrn_function(x: Tensor, groups: int, size: int, alpha: float, beta: float, k: float) -> Tensor:
+    """b of :class:`_LRNFunction` (autograd through the hand-written backward)."""
+    return _LRNFunction.apply(x, groups, size, alpha, beta, k)[0]
+
 
 def lrn(x: Tensor, groups: int, size: int, alpha: float, beta: float, k: float) -> Tensor:
     """LRN of (B, C, H, W) with alpha per element of the window (alpha' above): Triton on CUDA
     when it imports, :class:`_LRNFunction` elsewhere."""
+    # Inside vmap a tensor reports requires_grad False whatever the level below it records;
+    # the Function's vmap rule is also the fast way through vmap, with or without gradients
+    # (and the Triton op has no vmap rule).
+    if torch._C._functorch.is_batchedtensor(x):
+        return lrn_function(x, groups, size, alpha, beta, k)
     if x.is_cuda:
         from alexnet.models import lrn_triton
 
         if lrn_triton.available():
             return lrn_triton.lrn_op(x, groups, size, alpha, beta, k)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _LRNFunction.apply(x, groups, size, alpha, beta, k)
+        return lrn_function(x, groups, size, alpha, beta, k)
     return lrn_reference(x, groups, size, alpha, beta, k)[0]
 
 
