@@ -31,6 +31,7 @@ from alexnet.data.cifar import ArraySplit
 from alexnet.experiments.ablations import VARIANTS, AblationJob, AblationSettings, ablation_model, ablation_recipe
 from alexnet.experiments.batched import fit_batched
 from alexnet.experiments.common import make_pre, split_stats
+from alexnet.runtime import keep_freed_memory
 from alexnet.train.memory import FitResult, fit
 
 
@@ -80,6 +81,8 @@ def _one_job(args: argparse.Namespace, device: str, seed: int) -> tuple[float, f
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.runs) if device == "cpu" else 1)
     settings, variant, recipe, train, pre = _setup(args)
     dev = torch.device(device)
+    if not args.default_malloc:
+        keep_freed_memory(dev)  # as alexnet experiment's workers do
     t0 = time.time()
     r = fit(_model(settings, variant, seed, dev), train, pre.to(dev), recipe, seed=seed, device=dev)
     return t0 + r.rows[0]["seconds"], t0 + r.rows[-1]["seconds"], _steady(r, len(train))[0]
@@ -105,10 +108,13 @@ def main() -> None:
     p.add_argument("--variant", default="baseline")
     p.add_argument("--modes", default="alone,batched", help="comma-separated: alone, batched, jobs")
     p.add_argument("--out", default="bench-batched.json")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator untuned")
     args = p.parse_args()
     if args.epochs < 2:
         p.error("--epochs must be at least 2 (the first is left out of the rate)")
     device = torch.device(args.device)
+    # As alexnet experiment does (both modes alike); --default-malloc leaves glibc as it is.
+    malloc_kept = False if args.default_malloc else keep_freed_memory(device)
     modes = args.modes.split(",")
     fns = {"alone": _alone, "batched": _batched, "jobs": _jobs}
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
@@ -117,6 +123,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "keep_freed_memory": malloc_kept,
         "host": platform.node(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rounds": [],

@@ -23,7 +23,7 @@ import torch
 from alexnet.errors import AlexNetError
 from alexnet.experiments import ablations, figure1, section33
 from alexnet.experiments.common import Experiment, RunDir
-from alexnet.runtime import environment
+from alexnet.runtime import environment, keep_freed_memory
 
 log = logging.getLogger("alexnet")
 
@@ -68,6 +68,7 @@ def run_experiment(
     from alexnet.data.cifar import default_data_path, load_cifar10
 
     experiment = REGISTRY[name]
+    keep_freed_memory(device)
     if data is None:
         data = default_data_path()
         if data is None:

@@ -34,7 +34,7 @@ from alexnet.data.stats import DataStats, StatsAccumulator
 from alexnet.errors import AlexNetError
 from alexnet.evaluate import EvalResult, evaluate
 from alexnet.files import atomic_write_text, write_json
-from alexnet.runtime import cpu_cores
+from alexnet.runtime import cpu_cores, keep_freed_memory
 from alexnet.train.memory import FitResult, Recipe
 
 log = logging.getLogger("alexnet")
@@ -329,6 +329,7 @@ def _worker_init(
     fn: Callable[..., dict[str, Any]], shared: tuple, device: str, metrics: str, log_file: str, threads: int
 ) -> None:
     torch.set_num_threads(threads)
+    keep_freed_memory(torch.device(device))
     formatter = logging.Formatter("%(asctime)s [%(run)s] %(message)s")
     for handler in (logging.StreamHandler(), logging.FileHandler(log_file)):
         handler.setFormatter(formatter)

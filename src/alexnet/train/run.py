@@ -50,7 +50,7 @@ from alexnet.data.source import open_training_data
 from alexnet.data.stats import DataStats
 from alexnet.errors import AlexNetError
 from alexnet.models.alexnet import build_model
-from alexnet.runtime import resolve_device
+from alexnet.runtime import keep_freed_memory, resolve_device
 from alexnet.train import checkpoints, distributed, finetune
 from alexnet.train.checkpoints import load_for_resume
 from alexnet.train.distributed import Dist
@@ -157,6 +157,7 @@ def _run(given: Config, state: dict[str, Any] | None, run_dir: Path, d: Dist, st
         run_dir.mkdir(parents=True, exist_ok=True)
     progress = given.run.progress and d.is_main
     device = resolve_device(distributed.device_for(d, given.run.device))
+    keep_freed_memory(device)
     root = _data_root(given, d, progress)
     # An ImageFolder tree, or a store from `alexnet prepare` (decoded once, read as uint8 batches).
     data = open_training_data(
