@@ -76,7 +76,9 @@ def _power(s: Tensor, beta: float) -> Tensor:
     2.3e-7 relative error against float64's pow, where float32 pow has 6e-8."""
     if beta == 0.75:
         r = s.rsqrt()
-        return r.mul_(r.sqrt())
+        # Not r.mul_: traced by torch.compile (the batched seeds' step), autograd saw rsqrt's
+        # output modified in place.
+        return r * r.sqrt()
     return s.pow(-beta)
 
 
