@@ -20,11 +20,20 @@ numbers than the runs alone.
 What is not bit-identical, and why: vmap turns a convolution whose weights are batched
 into one grouped convolution (K groups, K x 2 for the two-tower layers) and a linear layer
 into a batched matrix product, and oneDNN sums those in another order than the
-ungrouped kernels of a run alone; and a batched tensor reports ``requires_grad`` False, so
-:class:`~alexnet.models.alexnet.LocalResponseNorm` takes its ``F.local_response_norm``
-path (autograd through it, equal to the hand-written backward to rounding). The random
-streams are bit-identical; the losses agree to float32 rounding that grows with the steps
-(tests/experiments/test_batched.py states the tolerances).
+ungrouped kernels of a run alone. The random streams are bit-identical; the losses agree
+to float32 rounding that grows with the steps (tests/experiments/test_batched.py states
+the tolerances).
+
+On the CPU the runs are laid out channels_last, (B, H, W, K, C) in memory
+(:func:`_channels_last`), and the per-channel ops fold the K runs into the channels,
+(B, K x C, H, W), which in that layout is a view: the LRN by its Function's vmap rule
+(alexnet.models.lrn, K x 2 towers, so no window crosses a run), the max-poolings by
+:class:`_RunsMaxPool`. vmap's own rules fold runs into the batch, a copy in and out of
+every such op. With that and glibc keeping freed memory
+(:func:`alexnet.runtime.keep_freed_memory`) 3 runs batched train at 0.83-0.95 of the rate
+of the 3 one at a time on a 2-core AMD EPYC (from 0.46-0.51): the K-fold larger tensors
+fall out of the L3 cache between ops, which the launch-bound GPU does not care about
+(experiments/RESULTS.md).
 
 On CUDA the vmapped step is compiled with ``mode="reduce-overhead"`` (CUDA graphs: one
 replay per step instead of hundreds of launches) and the update with Inductor; if
